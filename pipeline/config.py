@@ -1,0 +1,75 @@
+"""Settings: a profile (TOML under pipeline/profiles or a user path) plus CLI/env overrides."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PipelineError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+def load_profile(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml")))
+        raise PipelineError(f"unknown profile {name_or_path!r} (known: {known}; or give a .toml path)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class Settings:
+    profile: str = "offline"
+    cache_dir: Path = field(default_factory=lambda: REPO_ROOT / "cache")
+    task: str = "mnre"
+    source: str | None = None
+    mllm: str = "imported:qwen"
+    prompt: str = "camim"
+    run: str | None = None
+    on_error: str = "stop"
+    batch_size: int | None = None
+    device: str = "auto"
+    image_dir: str | None = None
+    conf: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.cache_dir = Path(self.cache_dir)
+        if self.on_error not in ("stop", "skip"):
+            raise PipelineError(f"--on-error must be stop or skip, not {self.on_error!r}")
+        if not self.conf:
+            self.conf = load_profile(self.profile)
+
+    @property
+    def mllms(self) -> list[str]:
+        return [m.strip() for m in self.mllm.split(",") if m.strip()]
+
+    def section(self, name: str) -> dict:
+        return dict(self.conf.get(name, {}))
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(os.environ.get("CAMIM_RUNS_DIR", REPO_ROOT / "runs"))
+
+    @property
+    def reports_dir(self) -> Path:
+        return Path(os.environ.get("CAMIM_REPORTS_DIR", REPO_ROOT / "reports"))

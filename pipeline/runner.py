@@ -1,0 +1,160 @@
+"""The local runner: items in, committed parts out, item-level resume.
+
+``run_stage`` is the one place where batches meet the store.  It knows nothing of
+models: a stage turns a batch of item dicts into :class:`ItemResult` objects and
+the runner commits each batch as one part.  Killed at any point and started
+again, it loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import PipelineError
+from .hashing import key_of
+from .progress import Progress
+from .stage import Stage
+from .store import ItemResult, StageCache, Store
+
+log = logging.getLogger("camim")
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    key: str
+    total: int
+    cached: int = 0
+    done: int = 0
+    failed: int = 0
+    failures: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 and self.done else 0.0
+        s = (
+            f"{self.stage} [{self.key}]: {self.total} items, {self.cached} cached, {self.done} new, "
+            f"{self.failed} failed, {self.seconds:.1f}s"
+        )
+        if rate:
+            s += f" ({rate:.1f} items/s)"
+        if self.failures:
+            s += "; failures: " + ", ".join(f"{k} x{v}" for k, v in self.failures.most_common(5))
+        return s
+
+    def as_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "key": self.key,
+            "total": self.total,
+            "cached": self.cached,
+            "done": self.done,
+            "failed": self.failed,
+            "failures": dict(self.failures),
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+
+def is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _reason(error: str) -> str:
+    return error.split(":", 1)[0][:60]
+
+
+def _run_isolated(stage: Stage, batch: list[dict]) -> list[ItemResult]:
+    """Run items one by one so that one bad item cannot fail its neighbours."""
+    out = []
+    for item in batch:
+        try:
+            out.extend(stage.run([item]))
+        except Exception as exc:  # noqa: BLE001 - recorded per item, run goes on
+            if is_oom(exc):
+                raise
+            out.append(ItemResult(item["item_key"], error=f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def run_stage(
+    stage: Stage,
+    items: list[dict],
+    store: Store,
+    batch_size: int = 32,
+    retry_failed: bool = False,
+    desc: str | None = None,
+    unit: str = "it",
+) -> tuple[StageCache, RunSummary]:
+    """Run ``stage`` over ``items`` (dicts with a unique ``item_key``), resuming."""
+    cache = store.stage(stage.name, stage.key)
+    cache.write_spec(stage.spec())
+    uniq: dict[str, dict] = {}
+    for it in items:
+        uniq.setdefault(it["item_key"], it)
+    inputs_key = key_of(sorted(uniq))
+    done = cache.done_keys(include_failed=not retry_failed)
+    todo = [it for k, it in uniq.items() if k not in done]
+    summary = RunSummary(stage.name, stage.key, total=len(uniq), cached=len(uniq) - len(todo))
+    t0 = time.perf_counter()
+    if todo:
+        stage.setup()
+        try:
+            bs = max(1, int(batch_size))
+            with Progress(len(todo), desc or f"{stage.name} {stage.label()}".strip(), unit=unit) as bar:
+                i = 0
+                while i < len(todo):
+                    batch = todo[i : i + bs]
+                    try:
+                        try:
+                            results = stage.run(batch)
+                        except Exception as exc:  # noqa: BLE001
+                            if is_oom(exc):
+                                raise
+                            log.warning("%s: batch failed (%s); retrying its items one by one", stage.name, exc)
+                            results = _run_isolated(stage, batch)
+                    except Exception as exc:  # noqa: BLE001
+                        if is_oom(exc) and bs > 1:
+                            bs = max(1, bs // 2)
+                            log.warning("%s: out of memory; batch size halved to %d", stage.name, bs)
+                            _free_accelerator_memory()
+                            continue
+                        raise
+                    if len(results) != len(batch):
+                        raise PipelineError(f"stage {stage.name} returned {len(results)} results for {len(batch)} items")
+                    cache.write_part(results, ragged=stage.ragged)
+                    for r in results:
+                        if r.error is None:
+                            summary.done += 1
+                        else:
+                            summary.failed += 1
+                            summary.failures[_reason(r.error)] += 1
+                    bar.update(len(batch))
+                    i += len(batch)
+        finally:
+            stage.teardown()
+    else:
+        # still count earlier failures so the summary is true on a warm re-run
+        for r in cache.rows():
+            if r["item_key"] in uniq and not r["ok"]:
+                summary.failed += 1
+                summary.failures[_reason(r["error"] or "")] += 1
+        summary.cached -= summary.failed
+    summary.seconds = time.perf_counter() - t0
+    cache.mark_done(inputs_key, summary.as_dict())
+    return cache, summary
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,297 @@
+"""The content-addressed cache store.
+
+Layout under the store root (``cache/`` by default)::
+
+    <stage>/<key>/spec.json                 what produced this key (written once)
+    <stage>/<key>/parts/part-<seq>-<id>.safetensors   tensors of one batch (optional)
+    <stage>/<key>/parts/part-<seq>-<id>.parquet       rows of one batch; written LAST
+    <stage>/<key>/done/<inputs>.json        done-marker for one input set, written last
+    <stage>/<key>/files/...                 whole-table outputs of non-itemised stages
+
+A part is committed when its Parquet file exists: tensors are written first, the
+Parquet index second, each to a temporary name and then ``os.replace``-d into place.
+A run killed at any instant therefore leaves either a complete part or an orphan
+temporary/tensor file that readers ignore and ``gc`` removes.  Items are keyed by
+content (``item_key``); a resumed run skips every item already present in a part.
+
+Tensors of a part are stored per name either *stacked* (``name``: ``[n, ...]``) or
+*ragged* (``name``: ``[sum_i len_i, ...]`` plus ``name.offsets``: ``[n + 1]``).
+No pickle anywhere: Parquet for tables, safetensors for tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import PipelineError
+from .hashing import canonical_json
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class ItemResult:
+    """What a stage returns for one item of a batch.
+
+    ``row`` holds scalars/lists for the Parquet index; ``tensors`` holds arrays
+    (torch tensors) for the safetensors part.  ``error`` set means the item failed
+    permanently (it is recorded, with its reason, and the run goes on).
+    """
+
+    item_key: str
+    row: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class StageCache:
+    """One ``<stage>/<key>`` folder: parts, an index over them, done-markers."""
+
+    def __init__(self, root: Path, stage: str, key: str):
+        self.root = Path(root)
+        self.stage = stage
+        self.key = key
+        self.dir = self.root / stage / key
+        self.parts_dir = self.dir / "parts"
+        self.files_dir = self.dir / "files"
+        self._index: pa.Table | None = None
+
+    # -- spec and markers -------------------------------------------------
+    def write_spec(self, spec: dict) -> None:
+        path = self.dir / "spec.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if canonical_json(old.get("key_config")) != canonical_json(spec.get("key_config")):
+                raise PipelineError(f"cache key collision in {path}: same key, different config")
+            return
+        atomic_write_json(path, spec)
+
+    def spec(self) -> dict:
+        path = self.dir / "spec.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def mark_done(self, inputs_key: str, summary: dict) -> None:
+        atomic_write_json(self.dir / "done" / f"{inputs_key}.json", summary)
+
+    def is_done(self, inputs_key: str) -> bool:
+        return (self.dir / "done" / f"{inputs_key}.json").exists()
+
+    def done_markers(self) -> list[Path]:
+        d = self.dir / "done"
+        return sorted(d.glob("*.json")) if d.exists() else []
+
+    # -- parts --------------------------------------------------------------
+    def part_paths(self) -> list[Path]:
+        """Committed parts (those whose Parquet index exists), in write order."""
+        if not self.parts_dir.exists():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.parquet"))
+
+    def write_part(self, results: list[ItemResult], ragged: Iterable[str] = ()) -> Path | None:
+        """Write one batch as a committed part. Returns the Parquet path."""
+        if not results:
+            return None
+        import torch  # tensors are torch throughout; safetensors.torch keeps bf16
+        from safetensors.torch import save_file
+
+        ragged = set(ragged)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        seq = len(self.part_paths())
+        stem = f"part-{seq:06d}-{secrets.token_hex(3)}"
+        ok = [r for r in results if r.error is None]
+        names = sorted({n for r in ok for n in r.tensors})
+        tensors: dict[str, Any] = {}
+        for name in names:
+            vals = [r.tensors[name] for r in ok]
+            if len(vals) != len(ok):
+                raise PipelineError(f"stage {self.stage}: tensor {name!r} missing for some items")
+            if name in ragged:
+                lens = [int(v.shape[0]) for v in vals]
+                offsets = torch.zeros(len(vals) + 1, dtype=torch.int64)
+                offsets[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0)
+                tensors[name] = torch.cat([v.contiguous() for v in vals], 0).contiguous()
+                tensors[f"{name}.offsets"] = offsets
+            else:
+                tensors[name] = torch.stack([v.contiguous() for v in vals], 0).contiguous()
+        if tensors:
+            tmp = self.parts_dir / f".{stem}.safetensors.tmp-{secrets.token_hex(4)}"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.parts_dir / f"{stem}.safetensors")
+        rows: dict[str, list] = {"item_key": [], "ok": [], "error": [], "tensor_row": []}
+        row_names = sorted({n for r in results for n in r.row})
+        for n in row_names:
+            rows[n] = []
+        t_row = 0
+        for r in results:
+            rows["item_key"].append(r.item_key)
+            rows["ok"].append(r.error is None)
+            rows["error"].append(r.error)
+            rows["tensor_row"].append(t_row if r.error is None else -1)
+            if r.error is None:
+                t_row += 1
+            for n in row_names:
+                rows[n].append(r.row.get(n))
+        path = self.parts_dir / f"{stem}.parquet"
+        atomic_write_table(path, pa.table(rows))
+        self._index = None
+        return path
+
+    def index(self) -> pa.Table:
+        """All committed rows, first occurrence of each item_key, with their part."""
+        if self._index is not None:
+            return self._index
+        tables = []
+        for path in self.part_paths():
+            t = pq.read_table(path)
+            t = t.append_column("part", pa.array([path.stem] * t.num_rows, pa.string()))
+            tables.append(t)
+        if not tables:
+            self._index = pa.table({"item_key": pa.array([], pa.string()), "ok": pa.array([], pa.bool_())})
+            return self._index
+        table = pa.concat_tables(tables, promote_options="default")
+        keys = table.column("item_key").to_pylist()
+        seen: set[str] = set()
+        keep = []
+        for i, k in enumerate(keys):
+            if k not in seen:
+                seen.add(k)
+                keep.append(i)
+        if len(keep) != len(keys):
+            table = table.take(pa.array(keep, pa.int64()))
+        self._index = table
+        return table
+
+    def done_keys(self, include_failed: bool = True) -> set[str]:
+        idx = self.index()
+        if idx.num_rows == 0:
+            return set()
+        if include_failed:
+            return set(idx.column("item_key").to_pylist())
+        ok = idx.column("ok").to_pylist()
+        return {k for k, o in zip(idx.column("item_key").to_pylist(), ok) if o}
+
+    def rows(self, keys: list[str] | None = None) -> list[dict]:
+        """Index rows as dicts, optionally in the order of ``keys`` (missing → None)."""
+        idx = self.index().to_pylist()
+        if keys is None:
+            return idx
+        by_key = {r["item_key"]: r for r in idx}
+        return [by_key.get(k) for k in keys]
+
+    def tensors(self, keys: list[str], names: list[str]) -> dict[str, list]:
+        """Gather tensors for ``keys`` (all must be present and ok), memory-mapped.
+
+        Returns ``{name: [tensor_i for i in keys]}``; ragged names give per-item slices.
+        """
+        from safetensors import safe_open
+
+        by_key = {r["item_key"]: r for r in self.index().to_pylist()}
+        out: dict[str, list] = {n: [None] * len(keys) for n in names}
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for i, k in enumerate(keys):
+            r = by_key.get(k)
+            if r is None or not r["ok"]:
+                raise PipelineError(f"{self.stage}/{self.key}: item {k} is not in the cache")
+            wanted.setdefault(r["part"], []).append((i, r["tensor_row"]))
+        for part, pairs in wanted.items():
+            path = self.parts_dir / f"{part}.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                available = set(f.keys())
+                for n in names:
+                    if f"{n}.offsets" in available:
+                        offs = f.get_tensor(f"{n}.offsets")
+                        sl = f.get_slice(n)
+                        for i, row in pairs:
+                            out[n][i] = sl[int(offs[row]) : int(offs[row + 1])]
+                    elif n in available:
+                        full = f.get_tensor(n)
+                        for i, row in pairs:
+                            out[n][i] = full[row]
+                    else:
+                        raise PipelineError(f"{path}: no tensor {n!r}")
+        return out
+
+    def orphans(self) -> list[Path]:
+        """Temporary files and tensor files without a committed index."""
+        if not self.parts_dir.exists():
+            return []
+        committed = {p.stem for p in self.part_paths()}
+        out = [p for p in self.parts_dir.iterdir() if p.name.startswith(".")]
+        out += [p for p in self.parts_dir.glob("part-*.safetensors") if p.stem not in committed]
+        return out
+
+
+class Store:
+    """The cache root; hands out :class:`StageCache` folders and lists them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, stage: str, key: str) -> StageCache:
+        return StageCache(self.root, stage, key)
+
+    def entries(self) -> list[StageCache]:
+        out = []
+        if not self.root.exists():
+            return out
+        for sdir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for kdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+                out.append(StageCache(self.root, sdir.name, kdir.name))
+        return out
+
+    def describe(self) -> list[dict]:
+        rows = []
+        for sc in self.entries():
+            spec = sc.spec()
+            n_rows = sc.index().num_rows if sc.part_paths() else spec.get("rows", 0)
+            rows.append(
+                {
+                    "stage": sc.stage,
+                    "key": sc.key,
+                    "what": spec.get("label", ""),
+                    "rows": n_rows,
+                    "parts": len(sc.part_paths()),
+                    "bytes": dir_size(sc.dir),
+                    "done": len(sc.done_markers()),
+                }
+            )
+        return rows
+
+    def remove(self, sc: StageCache) -> int:
+        size = dir_size(sc.dir)
+        shutil.rmtree(sc.dir)
+        return size

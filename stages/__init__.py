@@ -1,0 +1,1 @@
+"""Stages: one package per stage, each with small backends behind a registry."""

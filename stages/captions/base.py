@@ -1,0 +1,52 @@
+"""The captioner interface. A backend is one file plus one registry entry.
+
+A captioner turns a batch of image items into :class:`ItemResult` rows holding
+``caption`` (clean text) and, where known, ``input_tokens``/``output_tokens``.
+``key_config()`` holds everything that changes captions: backend, model id and
+revision, the rendered prompt text, generation parameters.  Never an API key.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import Settings
+from pipeline.store import ItemResult
+
+
+class Captioner:
+    #: backend name as used in MLLM=<name>[:<arg>]
+    backend = "base"
+    #: False for backends that never open the image (imported, none)
+    needs_images = True
+    #: batch size when the user gives none (API and import backends take large ones)
+    default_batch_size = 8
+
+    def __init__(self, arg: str, settings: Settings):
+        self.arg = arg
+        self.settings = settings
+
+    def key_config(self) -> dict:
+        raise NotImplementedError
+
+    def label(self) -> str:
+        return f"{self.backend}:{self.arg}" if self.arg else self.backend
+
+    def items(self, records: list[dict]) -> list[dict]:
+        """One item per unique image (shared by every sample of it)."""
+        seen: dict[str, dict] = {}
+        for r in records:
+            if r["image_key"] not in seen:
+                seen[r["image_key"]] = {
+                    "item_key": r["image_key"],
+                    "img_id": r["img_id"],
+                    "image_path": r.get("image_path"),
+                }
+        return list(seen.values())
+
+    def setup(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def caption(self, batch: list[dict]) -> list[ItemResult]:
+        raise NotImplementedError

@@ -1,0 +1,63 @@
+"""The stage chain: each command runs its upstream stages (cached, so cheap) first.
+
+The CLI in ``pipeline/cli.py`` parses options into :class:`Settings` and calls one
+function here.  Every function prints what it did and where the output went.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.config import Settings
+from pipeline.progress import fmt_seconds
+
+log = logging.getLogger("camim")
+
+
+def data(settings: Settings):
+    from stages.data import prepare, summary_lines
+
+    ds = prepare(settings)
+    for line in summary_lines(ds):
+        print(line)
+    return ds
+
+
+def captions(settings: Settings, mllms: list[str] | None = None, ds=None):
+    from stages.captions import run_captions
+
+    ds = ds or data(settings)
+    records = ds.records.to_pylist()
+    out = []
+    for mllm in mllms or settings.mllms:
+        caps = run_captions(settings, mllm, records)
+        print(caps.summary.line())
+        print(f"  -> {caps.cache.dir}")
+        out.append(caps)
+    return ds, out
+
+
+def features(settings: Settings, mllms: list[str] | None = None):
+    from stages.features import run_text_features
+
+    ds, caps = captions(settings, mllms)
+    feats = run_text_features(settings, ds.records.to_pylist(), caps)
+    print(feats.summary.line())
+    print(f"  -> {feats.cache.dir}")
+    return ds, caps, feats
+
+
+def shipped_sources(settings: Settings) -> list[str]:
+    from stages.data import get_task
+
+    return ["none"] + [f"imported:{s}" for s in get_task(settings).caption_sources(settings)]
+
+
+def demo(settings: Settings) -> float:
+    """data → captions (every shipped source) → features on the bundled sample."""
+    t0 = time.perf_counter()
+    features(settings, shipped_sources(settings))
+    took = time.perf_counter() - t0
+    print(f"demo: chain finished in {fmt_seconds(took)} ({took:.2f}s); cache at {settings.cache_dir}")
+    return took

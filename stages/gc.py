@@ -1,0 +1,69 @@
+"""``camim cache gc``: keep what the current config reaches, remove the rest.
+
+Reached: the data key of the current task and source, the captions key of every
+caption source named (default: ``none`` plus every shipped one), the text-feature
+key of the current profile, and every cache key recorded by a run under ``runs/``.
+Orphaned temporary files of killed runs are removed too.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import Settings
+from pipeline.store import Store
+
+
+def live_keys(settings: Settings, explicit_mllm: bool) -> set[tuple[str, str]]:
+    from stages.captions import CaptionStage, make_captioner
+    from stages.chain import shipped_sources
+    from stages.data import prepare
+    from stages.features import text_stage
+
+    keys = {("data", prepare(settings).key)}
+    for mllm in settings.mllms if explicit_mllm else shipped_sources(settings):
+        keys.add(("captions", CaptionStage(make_captioner(mllm, settings)).key))
+    keys.add(("text_features", text_stage(settings).key))
+    for cfg in settings.runs_dir.glob("*/config.json"):
+        try:
+            recorded = json.loads(cfg.read_text()).get("cache_keys", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        for stage, key in _flatten(recorded):
+            keys.add((stage, key))
+    return keys
+
+
+def _flatten(recorded: dict):
+    for stage, val in recorded.items():
+        if isinstance(val, str):
+            yield stage, val
+        elif isinstance(val, dict):
+            for v in val.values():
+                if isinstance(v, str):
+                    yield stage, v
+        elif isinstance(val, list):
+            for v in val:
+                if isinstance(v, str):
+                    yield stage, v
+
+
+def collect(settings: Settings, explicit_mllm: bool, yes: bool) -> int:
+    store = Store(settings.cache_dir)
+    live = live_keys(settings, explicit_mllm)
+    freed = 0
+    for sc in store.entries():
+        orphans = sc.orphans()
+        if (sc.stage, sc.key) not in live and sc.stage != "downloads":
+            size = sum(p.stat().st_size for p in sc.dir.rglob("*") if p.is_file())
+            print(f"{'removed' if yes else 'would remove'} {sc.stage}/{sc.key} ({size} bytes) {sc.spec().get('label', '')}")
+            if yes:
+                freed += store.remove(sc)
+        elif orphans:
+            for p in orphans:
+                print(f"{'removed' if yes else 'would remove'} orphan {p}")
+                if yes:
+                    freed += p.stat().st_size
+                    p.unlink()
+    print(f"gc: {'freed' if yes else 'would free'} {freed if yes else 'see above'} bytes" if yes else "gc: dry run; pass --yes to delete")
+    return freed
