@@ -43,12 +43,20 @@ class CaptionStage(Stage):
 
 @dataclass
 class Captions:
-    """A finished captions run: ``by_image`` maps image_key → caption ("" if none)."""
+    """A finished captions run: ``by_item`` maps caption item key → caption text.
+
+    Use ``for_record(record)`` to get a sample's caption ("" when it has none:
+    the no-caption baseline, or a failed item).
+    """
 
     mllm: str
     cache: StageCache
     summary: RunSummary
-    by_image: dict[str, str]
+    by_item: dict[str, str]
+    captioner: object
+
+    def for_record(self, record: dict) -> str:
+        return self.by_item.get(self.captioner.item_key(record), "")
 
 
 def make_captioner(mllm: str, settings: Settings):
@@ -61,5 +69,6 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     items = captioner.items(records)
     bs = settings.batch_size or settings.section("captions").get("batch_size") or captioner.default_batch_size
     cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img")
-    by_image = {r["item_key"]: (r.get("caption") or "") for r in cache.rows() if r["ok"]}
-    return Captions(mllm, cache, summary, by_image)
+    wanted = {it["item_key"] for it in items}
+    by_item = {r["item_key"]: (r.get("caption") or "") for r in cache.rows() if r["ok"] and r["item_key"] in wanted}
+    return Captions(mllm, cache, summary, by_item, captioner)

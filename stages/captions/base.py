@@ -30,16 +30,18 @@ class Captioner:
     def label(self) -> str:
         return f"{self.backend}:{self.arg}" if self.arg else self.backend
 
+    def item_key(self, record: dict) -> str:
+        """The caption item a record reads: by default its image (one caption per
+        unique image, shared by every sample of it). A per-sample prompt (e.g. the
+        entity-aware one) overrides this and ``items``."""
+        return record["image_key"]
+
     def items(self, records: list[dict]) -> list[dict]:
-        """One item per unique image (shared by every sample of it)."""
         seen: dict[str, dict] = {}
         for r in records:
-            if r["image_key"] not in seen:
-                seen[r["image_key"]] = {
-                    "item_key": r["image_key"],
-                    "img_id": r["img_id"],
-                    "image_path": r.get("image_path"),
-                }
+            k = self.item_key(r)
+            if k not in seen:
+                seen[k] = {"item_key": k, "img_id": r["img_id"], "image_path": r.get("image_path")}
         return list(seen.values())
 
     def setup(self) -> None:

@@ -32,7 +32,7 @@ def run_text_features(settings: Settings, records: list[dict], captions: list) -
     sents = [sentence_item(r) for r in records]
     caps = {}
     for c in captions:
-        for text in c.by_image.values():
+        for text in c.by_item.values():
             if text:
                 it = caption_item(text)
                 caps.setdefault(it["item_key"], it)
