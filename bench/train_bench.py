@@ -60,6 +60,10 @@ def main(settings) -> None:
     print(f"head training: {m['train_samples_per_s']:.0f} samples/s ({m['amp']} on {m['device']}); "
           f"{epochs} epochs wall {m['wall_s']:.1f}s incl. per-epoch validation "
           f"(test F1 {m['test']['f1'] * 100:.2f})")
+    if epochs != 8:
+        per_epoch = statistics.fmean(h["seconds"] for h in m["history"])
+        print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s "
+              f"= {8 * n_train / m['train_samples_per_s']:.0f}s of training + validation")
 
     # 2. one head step vs one end-to-end step (encoder fwd+bwd + head) on the same batch
     device = pick_device(settings.device)
