@@ -62,8 +62,8 @@ def main(settings) -> None:
           f"(test F1 {m['test']['f1'] * 100:.2f})")
     if epochs != 8:
         per_epoch = statistics.fmean(h["seconds"] for h in m["history"])
-        print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s "
-              f"= {8 * n_train / m['train_samples_per_s']:.0f}s of training + validation")
+        print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s incl. validation "
+              f"({8 * n_train / m['train_samples_per_s']:.0f}s of it training)")
 
     # 2. one head step vs one end-to-end step (encoder fwd+bwd + head) on the same batch
     device = pick_device(settings.device)
