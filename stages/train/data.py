@@ -196,7 +196,7 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
     splits = {k: torch.tensor(v, dtype=torch.int64) for k, v in splits.items()}
     streams, skeys_extra = load_streams(settings, records)
     cache_keys = {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key, **skeys_extra}
-    uniq_caps = {k: t for k, t in zip(ckeys, texts) if k}
+    uniq_caps = {captions.captioner.item_key(r): t for r, t in zip(records, texts) if t}  # per caption item (image)
     cap_words = [len(t.split()) for t in uniq_caps.values()]
     modalities = {
         "caption_len_words": sum(cap_words) / len(cap_words) if cap_words else 0.0,
