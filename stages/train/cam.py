@@ -1,0 +1,217 @@
+"""The CAM+MI head (CAMIM, ACM MM 2024, sections 3.2-3.4) over cached features.
+
+Streams (``d`` = ``hidden``; every input is projected from its cached width):
+
+* T_W: sentence word pieces, contextualised by ``text_layers`` trainable
+  Transformer layers (the text encoder itself is frozen and cached);
+* O stream (caption-aware image): sentence level O_s = C_s ⊕ MLP(F_I), where F_I
+  is the global image and its object crops; word level: the cross-attention
+  module over (O_s tokens, caption words C_W);
+* G stream (text-aware translation image): G_s = T_s ⊕ MLP(F_T); word level over
+  (G_s tokens, sentence words T_W).
+
+Cross-attention module (one per call, weights shared by the O and G streams as in
+the CAMIM code): with S the sentence-level tokens and W the words,
+H¹_S = SelfAtt(S), H²_S = CrossAtt(S, W), H¹_W = SelfAtt(W), H²_W = CrossAtt(W, S);
+O_F = MLP_O[LN(S + H¹_S + H²_S) ; LN(W + H¹_W + H²_W)] (a sequence).
+Fusion: O_final = pool(CrossAtt(O_F, T_W)), G_final likewise, F_final =
+MLP_final(O_final ⊕ G_final).  Classifier over [h_start ⊕ h_end ⊕ t_start ⊕
+t_end ⊕ F_final] (entity states at the marker pieces of T_W).
+Loss = CE + alpha · InfoNCE over the pair chosen by ``mi``.
+
+Every modality may be absent: a missing image/object/translation stream drops its
+tokens; a missing caption masks all of C_W.  Attention always has a learned
+"null" key, so a query whose keys are all masked attends to it instead of
+producing NaN.  Options (``[train]``): ``hidden`` (256), ``heads`` (4),
+``text_layers`` (1), ``dropout`` (0.1), ``cls_dropout`` (0.5), ``align``
+(``W&S`` | ``W`` | ``S``), ``mi`` (``O&G`` | ``(O+G)&F`` | ``T&F`` | ``(O+G)&T`` |
+``off``), ``alpha`` (0.1), ``tau`` (1.0, InfoNCE temperature).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+ALIGN = ("W&S", "W", "S")
+MI_PAIRS = ("O&G", "(O+G)&F", "T&F", "(O+G)&T", "off")
+
+
+def mlp(d_in: int, d_out: int, d_hidden: int | None = None, dropout: float = 0.0) -> nn.Sequential:
+    d_hidden = d_hidden or 2 * d_out
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a key padding mask and a learned null key/value."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.att = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.null = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.normal_(self.null, std=0.02)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+        b = kv.shape[0]
+        kv = torch.cat([self.null.expand(b, 1, -1).to(kv.dtype), kv], 1)
+        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv_mask.device), kv_mask], 1)
+        out, _ = self.att(q, kv, kv, key_padding_mask=~valid, need_weights=False)
+        return out
+
+
+class CrossAttentionModule(nn.Module):
+    """The CAM word-level module over (S tokens, W words); returns the sequence [S'; W']."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.ss, self.sw, self.ws, self.ww = (Attention(d, heads, dropout) for _ in range(4))
+        self.ln_s = nn.LayerNorm(d)
+        self.ln_w = nn.LayerNorm(d)
+        self.out = mlp(d, d, 2 * d, dropout)
+
+    def forward(self, s, s_mask, w, w_mask):
+        a = self.ln_s(s + self.ss(s, s, s_mask) + self.sw(s, w, w_mask))
+        b = self.ln_w(w + self.ws(w, s, s_mask) + self.ww(w, w, w_mask))
+        seq = torch.cat([a, b], 1)
+        return seq + self.out(seq), torch.cat([s_mask, w_mask], 1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """InfoNCE between L2-normalised ``x`` and ``y`` with in-batch negatives (y_i → x)."""
+    x = F.normalize(x.float(), dim=-1)
+    y = F.normalize(y.float(), dim=-1)
+    sim = y @ x.t() / tau
+    return F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
+
+
+class CamHead(nn.Module):
+    dataset = "re"
+
+    def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
+        super().__init__()
+        o = dict(options or {})
+        self.align = str(o.get("align", "W&S"))
+        self.mi = str(o.get("mi", "O&G"))
+        if self.align not in ALIGN:
+            raise PipelineError(f"train.align must be one of {', '.join(ALIGN)}, not {self.align!r}")
+        if self.mi not in MI_PAIRS:
+            raise PipelineError(f"train.mi must be one of {', '.join(MI_PAIRS)}, not {self.mi!r}")
+        self.alpha = float(o.get("alpha", 0.1))
+        self.tau = float(o.get("tau", 1.0))
+        d = int(o.get("hidden", 256))
+        heads = int(o.get("heads", 4))
+        p = float(o.get("dropout", 0.1))
+        self.dims = dict(dims)
+        dt = dims["sent_word"]
+        self.text_in = nn.Sequential(nn.Linear(dt, d), nn.LayerNorm(d))
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, p, batch_first=True, norm_first=True)
+        n_layers = int(o.get("text_layers", 1))
+        self.text_enc = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False) if n_layers else None
+        self.sent_in = nn.Linear(dims["sent_vec"], d)
+        self.has_cap_stream = "cap_word" in dims
+        if self.has_cap_stream:
+            self.cap_in = nn.Sequential(nn.Linear(dims["cap_word"], d), nn.LayerNorm(d))
+            self.capv_in = nn.Linear(dims["cap_vec"], d)
+        # MLP(F_I), MLP(F_T): one per visual stream present (image, objects; translation likewise)
+        self.vis = nn.ModuleDict({k: mlp(dims[k], d, 2 * d, p) for k in ("img_vec", "obj_vec", "trans_vec", "trans_obj_vec") if k in dims})
+        # sentence-level alignment: fuse the sentence vector into each visual token
+        self.fuse_s = nn.Linear(2 * d, d)
+        self.null_tok = nn.Parameter(torch.zeros(1, 1, d))
+        self.cam = CrossAttentionModule(d, heads, p)
+        self.s_only = mlp(d, d, 2 * d, p)
+        self.fusion = Attention(d, heads, p)
+        self.final = mlp(2 * d, d, 2 * d, p)
+        self.drop = nn.Dropout(float(o.get("cls_dropout", 0.5)))
+        self.cls = nn.Linear(5 * d, n_labels)
+        self.d = d
+
+    # -- streams --------------------------------------------------------------
+    def _visual_tokens(self, batch, vec: str, has: str, objs: str, obj_mask: str):
+        toks, masks = [], []
+        if vec in self.vis and vec in batch:
+            toks.append(self.vis[vec](batch[vec]).unsqueeze(1))
+            masks.append(batch[has].unsqueeze(1))
+        if objs in self.vis and objs in batch:
+            toks.append(self.vis[objs](batch[objs]))
+            masks.append(batch[obj_mask])
+        return toks, masks
+
+    def _sentence_level(self, sent_vec, toks, masks, b, device, dtype):
+        """O_s / G_s as a token sequence: sentence vector ⊕ MLP(visual) per token."""
+        use_s = "S" in self.align
+        if toks:
+            v = torch.cat(toks, 1)
+            m = torch.cat(masks, 1)
+            if use_s:
+                v = self.fuse_s(torch.cat([v, sent_vec.unsqueeze(1).expand_as(v)], -1))
+            if use_s:  # the sentence vector itself is a token too (it is all there is without images)
+                v = torch.cat([sent_vec.unsqueeze(1), v], 1)
+                m = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), m], 1)
+            return v, m
+        if use_s:
+            return sent_vec.unsqueeze(1), torch.ones(b, 1, dtype=torch.bool, device=device)
+        return self.null_tok.expand(b, 1, -1).to(dtype), torch.ones(b, 1, dtype=torch.bool, device=device)
+
+    def _stream(self, s, s_mask, w, w_mask, text, text_mask):
+        if "W" in self.align:
+            seq, mask = self.cam(s, s_mask, w, w_mask)
+        else:
+            seq, mask = s + self.s_only(s), s_mask
+        fused = self.fusion(seq, text, text_mask)
+        return torch.tanh(masked_mean(fused, mask))
+
+    def encode(self, batch: dict) -> dict:
+        sw, sm = batch["sent_word"], batch["sent_mask"]
+        b, device = sw.shape[0], sw.device
+        t = self.text_in(sw)
+        if self.text_enc is not None:
+            t = self.text_enc(t, src_key_padding_mask=~sm)
+        dtype = t.dtype
+        t_s = self.sent_in(batch["sent_vec"])
+        if self.has_cap_stream and "cap_word" in batch:
+            c_w, c_m = self.cap_in(batch["cap_word"]), batch["cap_mask"]
+            c_s = self.capv_in(batch["cap_vec"]) * batch["has_cap"].unsqueeze(-1).to(dtype)
+        else:
+            c_w = torch.zeros(b, 1, self.d, dtype=dtype, device=device)
+            c_m = torch.zeros(b, 1, dtype=torch.bool, device=device)
+            c_s = torch.zeros(b, self.d, dtype=dtype, device=device)
+        o_toks, o_masks = self._visual_tokens(batch, "img_vec", "has_img", "obj_vec", "obj_mask")
+        g_toks, g_masks = self._visual_tokens(batch, "trans_vec", "has_trans", "trans_obj_vec", "trans_obj_mask")
+        o_s, o_sm = self._sentence_level(c_s, o_toks, o_masks, b, device, dtype)
+        g_s, g_sm = self._sentence_level(t_s, g_toks, g_masks, b, device, dtype)
+        o_final = self._stream(o_s, o_sm, c_w, c_m, t, sm)
+        g_final = self._stream(g_s, g_sm, t, sm, t, sm)
+        f_final = self.final(torch.cat([o_final, g_final], -1))
+        ar = torch.arange(b, device=device)
+        ent = torch.cat([t[ar, batch["h_idx"]], t[ar, batch["h_end"]], t[ar, batch["t_idx"]], t[ar, batch["t_end"]]], -1)
+        return {"O": o_final, "G": g_final, "F": f_final, "T": masked_mean(t, sm), "rep": torch.cat([ent, f_final], -1)}
+
+    def forward(self, batch: dict) -> dict:
+        z = self.encode(batch)
+        logits = self.cls(self.drop(z["rep"]))
+        out = {"logits": logits}
+        if "label" in batch:
+            ce = F.cross_entropy(logits.float(), batch["label"])
+            aux = {"ce": ce}
+            loss = ce
+            if self.mi != "off" and self.alpha and logits.shape[0] > 1:
+                a, _, bb = self.mi.partition("&")
+                x = z["O"] + z["G"] if a == "(O+G)" else z[a]
+                nce = info_nce(x, z[bb], self.tau)
+                aux["nce"] = nce
+                loss = loss + self.alpha * nce
+            out["loss"] = loss
+            out["aux"] = aux
+        return out
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        return self.forward({k: v for k, v in batch.items() if k != "label"})["logits"].argmax(-1)

@@ -1,0 +1,126 @@
+"""The CAM+MI head on synthetic batches: every optional stream, every ablation option."""
+
+import pytest
+import torch
+
+from stages.train import HEADS
+from stages.train.cam import ALIGN, MI_PAIRS, info_nce
+from stages.train.metrics import re_metrics
+
+D, DI, B, N_LABELS = 24, 16, 6, 5
+
+
+def synth_batch(cap=True, img=False, obj=False, trans=False, tobj=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L, Lc = 9, 7
+    lens = torch.tensor([9, 5, 7, 6, 9, 4])
+    b = {
+        "sent_word": torch.randn(B, L, D, generator=g),
+        "sent_mask": torch.arange(L)[None] < lens[:, None],
+        "sent_vec": torch.randn(B, D, generator=g),
+        "h_idx": torch.tensor([1, 1, 2, 1, 3, 1]),
+        "h_end": torch.tensor([2, 2, 3, 2, 4, 2]),
+        "t_idx": torch.tensor([4, 3, 5, 4, 6, 3]),
+        "t_end": torch.tensor([5, 3, 6, 5, 7, 3]),
+        "label": torch.tensor([0, 1, 2, 3, 4, 1]),
+    }
+    if cap:
+        has = torch.tensor([True, True, False, True, True, False])
+        clens = torch.tensor([7, 3, 0, 5, 2, 0])
+        b.update(cap_word=torch.randn(B, Lc, D, generator=g), cap_mask=torch.arange(Lc)[None] < clens[:, None],
+                 cap_vec=torch.randn(B, D, generator=g) * has[:, None], has_cap=has)
+    if img:
+        b.update(img_vec=torch.randn(B, DI, generator=g), has_img=torch.tensor([True, False, True, True, True, True]))
+    if obj:
+        b.update(obj_vec=torch.randn(B, 3, DI, generator=g),
+                 obj_mask=torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool))
+    if trans:
+        b.update(trans_vec=torch.randn(B, DI, generator=g), has_trans=torch.tensor([True] * 5 + [False]))
+    if tobj:
+        b.update(trans_obj_vec=torch.randn(B, 3, DI, generator=g), trans_obj_mask=torch.rand(B, 3, generator=g) > 0.5)
+    return b
+
+
+def dims_of(batch):
+    return {k: v.shape[-1] for k, v in batch.items() if v.is_floating_point()}
+
+
+def build(batch, **opts):
+    torch.manual_seed(0)
+    return HEADS.get("cam")(dims_of(batch), N_LABELS, {"hidden": 32, "heads": 2, **opts})
+
+
+@pytest.mark.parametrize("streams", [
+    dict(cap=False), dict(cap=True), dict(img=True), dict(img=True, obj=True),
+    dict(cap=False, trans=True, tobj=True), dict(img=True, obj=True, trans=True, tobj=True),
+])
+def test_every_stream_combination_trains(streams):
+    batch = synth_batch(**streams)
+    head = build(batch)
+    out = head(batch)
+    assert out["logits"].shape == (B, N_LABELS)
+    assert torch.isfinite(out["loss"]) and set(out["aux"]) == {"ce", "nce"}
+    out["loss"].backward()
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # visual MLPs exist exactly for the streams present, and get gradient
+    for k in ("img_vec", "obj_vec", "trans_vec", "trans_obj_vec"):
+        assert (k in head.vis) == (k in batch)
+        if k in batch:
+            assert head.vis[k][0].weight.grad is not None and head.vis[k][0].weight.grad.abs().sum() > 0
+    pred = head.eval().predict(batch)
+    assert pred.shape == (B,) and pred.dtype == torch.int64
+
+
+@pytest.mark.parametrize("align,mi", [(a, "O&G") for a in ALIGN] + [("W&S", m) for m in MI_PAIRS[1:]])
+def test_ablation_options(align, mi):
+    batch = synth_batch(img=True, obj=True, trans=True)
+    out = build(batch, align=align, mi=mi)(batch)
+    assert torch.isfinite(out["loss"])
+    assert ("nce" in out["aux"]) == (mi != "off")
+
+
+def test_alpha_weights_the_mi_term():
+    batch = synth_batch()
+    a = build(batch, alpha=0.0, dropout=0.0, cls_dropout=0.0).eval()(batch)
+    b = build(batch, alpha=0.5, dropout=0.0, cls_dropout=0.0).eval()(batch)
+    assert torch.allclose(a["aux"]["ce"], b["aux"]["ce"])
+    assert torch.allclose(b["loss"], b["aux"]["ce"] + 0.5 * b["aux"]["nce"])
+
+
+def test_masked_caption_words_do_not_matter():
+    """Padding positions of captions and sentences never change the output."""
+    batch = synth_batch(img=True, obj=True)
+    head = build(batch).eval()
+    ref = head(batch)["logits"]
+    noisy = dict(batch)
+    noisy["cap_word"] = torch.where(batch["cap_mask"][..., None], batch["cap_word"], torch.randn_like(batch["cap_word"]) * 100)
+    noisy["sent_word"] = torch.where(batch["sent_mask"][..., None], batch["sent_word"], torch.randn_like(batch["sent_word"]) * 100)
+    noisy["obj_vec"] = torch.where(batch["obj_mask"][..., None], batch["obj_vec"], torch.randn_like(batch["obj_vec"]) * 100)
+    assert torch.allclose(ref, head(noisy)["logits"], atol=1e-5)
+
+
+def test_bad_option_is_a_clear_error():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="align"):
+        build(synth_batch(), align="X")
+
+
+def test_info_nce_prefers_aligned_pairs():
+    x = torch.randn(8, 16)
+    assert info_nce(x, x, 0.1) < info_nce(x, torch.randn(8, 16), 0.1)
+
+
+def test_re_metrics_follow_the_mnre_definition():
+    labels = ["None", "a", "b"]
+    gold = [0, 1, 1, 2, 0, 2]
+    pred = [0, 1, 2, 2, 1, 0]
+    m = re_metrics(gold, pred, labels)
+    assert m["acc"] == pytest.approx(3 / 6)
+    # tp = 2 (idx 1, 3); predicted non-None = 4; gold non-None = 4
+    assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(0.5)
+    assert m["per_label"]["a"]["precision"] == pytest.approx(1 / 2) and m["per_label"]["b"]["recall"] == pytest.approx(1 / 2)
+    assert "None" not in m["per_label"]
+    assert re_metrics([0, 0], [0, 0], labels)["f1"] == 0.0
