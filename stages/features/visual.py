@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.hashing import key_of
-from pipeline.runner import RunSummary, run_stage
+from pipeline.runner import RunSummary, plan, run_stage
 from pipeline.store import StageCache, Store, atomic_write_bytes, atomic_write_json
 
 from .image import ImageFeatureStage, image_item
@@ -30,6 +30,7 @@ from .image import ImageFeatureStage, image_item
 log = logging.getLogger("camim")
 
 STREAM_VERSION = "1"
+PAIRS = {"img_vec": "has_img", "obj_vec": "obj_mask", "trans_vec": "has_trans", "trans_obj_vec": "trans_obj_mask"}
 
 
 def image_stage(settings: Settings) -> ImageFeatureStage:
@@ -54,16 +55,13 @@ class ImageFeatures:
 def run_image_features(settings: Settings, items: list[dict]) -> ImageFeatures:
     stage = image_stage(settings)
     store = Store(settings.cache_dir)
-    cache = store.stage(stage.name, stage.key)
-    done = cache.done_keys()
-    seen, todo = set(), []
-    for it in items:
-        if it["item_key"] not in done and it["item_key"] not in seen:
-            seen.add(it["item_key"])
-            todo.append(it)
-    stage.pending = todo  # the DataLoader decodes exactly these, in the runner's order
+    engine = getattr(settings, "engine", "local")
+    if engine == "local":
+        # the DataLoader decodes exactly the runner's to-do list, in its order, ahead of the model
+        stage.pending = plan(stage, items, store, False)[3]
     bs = settings.batch_size or int(stage.conf["batch_size"])
-    cache, summary = run_stage(stage, items, store, batch_size=bs, desc="image features", unit="img")
+    cache, summary = run_stage(stage, items, store, batch_size=bs, desc="image features", unit="img",
+                               engine=engine, workers=getattr(settings, "workers", None))
     return ImageFeatures(cache, summary, stage)
 
 
@@ -190,7 +188,14 @@ def train_streams(settings: Settings, records: list[dict]):
 
     meta = run_visual(settings, records)  # cached end to end after `make features`
     path = Path(settings.cache_dir) / "image_streams" / meta["key"] / "files" / "streams.safetensors"
-    out = dict(load_file(str(path)))
+    got = dict(load_file(str(path)))
+    out = {}
+    for vec, mask in PAIRS.items():  # a stream no record has is left out, so the run reports it absent
+        if bool(got[mask].any()):
+            out[vec], out[mask] = got[vec], got[mask]
+    if not out:
+        log.warning("image streams: no image, crop or translation feature for any record (see %s)", path.parent)
+        return None
     out["__cache_key__"] = meta["key"]
     return out
 

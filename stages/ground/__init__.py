@@ -273,7 +273,8 @@ def run_grounding(settings: Settings, records: list[dict], backend_name: str | N
     stage, conf = make_stage(settings, backend_name)
     items, keys, trans = build_items(records, stage.backend, conf, settings)
     bs = settings.batch_size or int(conf["batch_size"])
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}", unit="item")
+    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}", unit="item",
+                               engine=getattr(settings, "engine", "local"), workers=getattr(settings, "workers", None))
     return Grounding(cache, summary, stage, keys, trans)
 
 

@@ -82,5 +82,6 @@ DATASETS = Registry("train dataset")
 DATASETS.add("re", "stages.train.data:build_re_data")
 
 STREAMS = Registry("feature stream")
+STREAMS.add("image", "stages.features.visual:train_streams")
 
 DEFAULT_METRICS = "stages.train.metrics:re_metrics"
