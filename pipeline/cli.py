@@ -123,7 +123,7 @@ def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error,
                   batch_size=batch_size, device=device, image_dir=image_dir)
     over = {"backend": ground_, "crop_dir": crop_dir, "trans_dir": trans_dir, "crop_index": crop_index}
-    s.conf.setdefault("ground", {}).update({k: v for k, v in over.items() if v})
+    s.conf["ground_cli"] = {k: v for k, v in over.items() if v}
     _guard(chain.ground, s)
 
 
@@ -145,10 +145,27 @@ def report():
     _not_built("report", "see the CAM+MI head issue")
 
 
-@app.command()
-def bench():
-    """Benchmarks (printed numbers and ratios)."""
-    _not_built("bench", "see the head and visual-side issues")
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, only: Optional[str] = typer.Option(None, "--only", help="run only bench/<NAME>.py")):
+    """Benchmarks: runs main(argv) of every bench/*.py (extra arguments go to each); prints numbers and ratios."""
+    import importlib.util
+
+    files = sorted(p for p in (REPO_ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
+    if only:
+        files = [p for p in files if p.stem == only]
+        if not files:
+            typer.echo(f"error: no bench/{only}.py", err=True)
+            raise typer.Exit(2)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    rc = 0
+    for path in files:
+        spec = importlib.util.spec_from_file_location(f"bench.{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        typer.echo(f"== bench/{path.name}")
+        rc = max(rc, int(_guard(mod.main, list(ctx.args)) or 0))
+    raise typer.Exit(rc)
 
 
 @cache_app.command("ls")

@@ -98,9 +98,10 @@ def run_visual(settings: Settings, records: list[dict]) -> dict:
 
     conf = ground_conf(settings)
     grounding = None
-    if conf["backend"] == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
+    backend = conf["backend"].split(":", 1)[0]
+    if backend == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
         print("ground: no crop folder (CROP_DIR) or translation images (TRANS_DIR); no object crops")
-    elif conf["backend"] == "detector" and not settings.image_dir:
+    elif backend == "detector" and not settings.image_dir:
         print("ground: the detector needs the dataset images (IMAGE_DIR); no object crops")
     else:
         grounding = run_grounding(settings, records)

@@ -63,7 +63,7 @@ DEFAULTS = {
 }
 
 
-# environment variables (exported by the Makefile) that fill settings the profile leaves unset,
+# environment variables (exported by the Makefile) that override the profile's [ground],
 # so that `make features` and `make train` see the same grounding as `make ground`
 ENV = {"backend": "GROUND", "crop_dir": "CROP_DIR", "trans_dir": "TRANS_DIR", "crop_index": "CROP_INDEX"}
 
@@ -75,9 +75,10 @@ def ground_conf(settings: Settings, backend: str | None = None) -> dict:
     if unknown:
         raise PipelineError(f"[ground] unknown setting(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
     conf.update(given)
-    for k, env in ENV.items():
-        if k not in given and os.environ.get(env):
+    for k, env in ENV.items():  # run-time choices beat the profile's defaults
+        if os.environ.get(env):
             conf[k] = os.environ[env]
+    conf.update({k: v for k, v in settings.conf.get("ground_cli", {}).items() if v})  # explicit options beat both
     if backend:
         conf["backend"] = backend
     if int(conf["m"]) < 1:

@@ -150,3 +150,31 @@ def test_unknown_setting_is_an_error():
 
     with pytest.raises(PipelineError, match="unknown setting"):
         ImageFeatureStage({"backbon": "resnet50"})
+
+
+def test_imagenet_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """The paper profile's torchvision weights cannot be fetched offline: one clear line, with the fix."""
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    stage = ImageFeatureStage({"backbone": "resnet50", "weights": "IMAGENET1K_V1"}, device="cpu")
+    assert "IMAGENET1K_V1" in stage.key_config()["weights"]
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
+    with pytest.raises(PipelineError, match=r"resnet50-0676ba61\.pth"):
+        stage.backbone.load()
+
+
+def test_local_weights_file_is_keyed_by_content(tmp_path):
+    torch.manual_seed(1)
+    import torchvision
+
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    p = tmp_path / "r50.pth"
+    torch.save(sd, p)
+    a = ImageFeatureStage({"backbone": "resnet50", "weights": str(p)}, device="cpu")
+    loaded = a.backbone.load()
+    assert torch.equal(loaded.module.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    sd["fc.bias"] += 1
+    torch.save(sd, p)
+    b = ImageFeatureStage({"backbone": "resnet50", "weights": str(p)}, device="cpu")
+    assert a.key != b.key
