@@ -1,7 +1,8 @@
 """Visual-side benchmark: the matmul roofline, ResNet50 img/s, a bert-base-sized text
 encoder seq/s, the image-feature stage end to end, and bf16-vs-fp32 cosine.
 
-Run: ``python -m bench.visual_bench`` (or ``camim bench``).  Options:
+Run: ``python bench/visual_bench.py [options]`` or ``camim bench --only visual_bench``
+(options then come from ``VISUAL_BENCH_ARGS``, e.g. ``VISUAL_BENCH_ARGS=--quick``).  Options:
 ``--quick`` (fewer repeats), ``--threads N``, ``--batch N``, ``--compile`` (also time
 ``torch.compile`` variants), ``--weights PATH`` (ResNet50 state dict for the cosine
 check; default random init, since ImageNet weights cannot be fetched offline),
@@ -176,7 +177,8 @@ def cosines(weights: str) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(settings=None, argv: list[str] | None = None) -> int:
+    """``camim bench`` calls ``main(settings)`` (full run); ``python bench/visual_bench.py ARGS`` passes argv."""
     ap = argparse.ArgumentParser(prog="visual_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default="")
     ap.add_argument("--json", default="")
     ap.add_argument("--skip-stage", action="store_true")
+    if argv is None and settings is not None:
+        argv = os.environ.get("VISUAL_BENCH_ARGS", "").split()
     args = ap.parse_args(argv)
 
     import torch
@@ -238,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    sys.exit(main())
+    sys.exit(main(argv=sys.argv[1:]))
