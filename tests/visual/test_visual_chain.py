@@ -94,3 +94,13 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     out["loss"].backward()
     assert head.vis["obj_vec"][0].weight.grad.abs().sum() > 0
     assert head.vis["trans_vec"][0].weight.grad.abs().sum() > 0
+
+    # the trainer: one epoch on cached features; its metrics file lists the image streams as present
+    from stages.train.trainer import train_one
+
+    monkeypatch.setenv("CAMIM_RUNS_DIR", str(tmp_path / "runs"))
+    res = train_one(settings, "none", 1, {"epochs": 1, "hidden": 32, "heads": 2, "batch_size": 4}, data=data, quiet=True)
+    metrics = json.loads((res.dir / "metrics.json").read_text())
+    m = metrics["modalities"]
+    assert m["image"] and m["objects"] and m["translation_image"] and m["translation_objects"]
+    assert 0.0 <= metrics["test"]["f1"] <= 1.0
