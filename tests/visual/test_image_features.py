@@ -178,3 +178,30 @@ def test_local_weights_file_is_keyed_by_content(tmp_path):
     torch.save(sd, p)
     b = ImageFeatureStage({"backbone": "resnet50", "weights": str(p)}, device="cpu")
     assert a.key != b.key
+
+
+def test_compile_policy_padding_and_fallback(photos):
+    """``compile = "auto"`` only for long runs; a compiled model sees one static batch shape
+    (the last batch is padded, outputs sliced back); a compiler failure falls back to eager."""
+    st = ImageFeatureStage({"compute_dtype": "fp32", "batch_size": 4}, device="cpu", workers=0)
+    st.pending = _photo_items(photos)
+    assert st._want_compile() is False  # 6 images < compile_min_items
+    assert ImageFeatureStage({"compile": "true"}, device="cpu")._want_compile() is True
+    st.setup()
+    from stages.features.image import decode
+
+    x = torch.stack([decode(str(p), 256, 224)[0] for p in photos[:3]])
+    ref = st.forward(x)
+    seen = []
+    eager = st.model.module
+
+    def broken(inp):
+        seen.append(inp.shape[0])
+        raise RuntimeError("inductor: no C++ compiler")
+
+    st.model.module, st.model.compiled, st.model.eager = broken, True, eager
+    got = st.forward(x)
+    assert seen == [4]  # padded to the batch size before the (failing) compiled call
+    assert st.model.compiled is False and st.model.module is eager
+    for k in ref:
+        assert got[k].shape == ref[k].shape and torch.allclose(got[k], ref[k], atol=1e-5)
