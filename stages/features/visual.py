@@ -200,3 +200,40 @@ def train_streams(settings: Settings, records: list[dict]):
     out["__cache_key__"] = meta["key"]
     return out
 
+
+
+def live_keys(settings: Settings, reached: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Visual cache entries that ``cache gc`` must keep: those the current settings reach
+    (when they name an image source), the ``image_streams`` keys runs recorded (as
+    ``stream:image``), and the grounding and image-feature keys each of those was built from."""
+    from pipeline.errors import PipelineError
+
+    out: set[tuple[str, str]] = set()
+    for stage, key in reached:
+        if stage == "stream:image":
+            out.add(("image_streams", key))
+    if has_images(settings):
+        from stages.data import prepare
+        from stages.ground import ground_conf, make_stage
+
+        fkey = image_stage(settings).key
+        out.add(("image_features", fkey))
+        gkey = "none"
+        conf = ground_conf(settings)
+        try:
+            if conf["crop_dir"] or conf["trans_dir"] or (conf["backend"].startswith("detector") and settings.image_dir):
+                gkey = make_stage(settings)[0].key
+                out.add(("ground", gkey))
+        except PipelineError:
+            pass
+        out.add(("image_streams", streams_key(settings, prepare(settings).records.to_pylist(), gkey, fkey)))
+    for stage, key in list(out):
+        if stage != "image_streams":
+            continue
+        meta = Path(settings.cache_dir) / "image_streams" / key / "files" / "meta.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            out.add(("image_features", m["image_features"]["key"]))
+            if m["ground"]["key"] != "none":
+                out.add(("ground", m["ground"]["key"]))
+    return out

@@ -104,3 +104,11 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     m = metrics["modalities"]
     assert m["image"] and m["objects"] and m["translation_image"] and m["translation_objects"]
     assert 0.0 <= metrics["test"]["f1"] <= 1.0
+
+    # cache gc keeps every visual entry that this run recorded or the settings reach
+    from stages.gc import live_keys
+
+    live = live_keys(Settings(cache_dir=cache, source=str(tiny_source), mllm="none"), explicit_mllm=True)
+    for stage in ("ground", "image_features", "image_streams"):
+        on_disk = {p.name for p in (cache / stage).iterdir() if p.is_dir()}
+        assert on_disk and on_disk <= {k for s_, k in live if s_ == stage}, stage
