@@ -181,12 +181,13 @@ def test_local_weights_file_is_keyed_by_content(tmp_path):
 
 
 def test_compile_policy_padding_and_fallback(photos):
-    """``compile = "auto"`` only for long runs; a compiled model sees one static batch shape
+    """``compile = "auto"`` only for long runs (default off); a compiled model sees one static batch shape
     (the last batch is padded, outputs sliced back); a compiler failure falls back to eager."""
-    st = ImageFeatureStage({"compute_dtype": "fp32", "batch_size": 4}, device="cpu", workers=0)
+    st = ImageFeatureStage({"compute_dtype": "fp32", "batch_size": 4, "compile": "auto"}, device="cpu", workers=0)
     st.pending = _photo_items(photos)
     assert st._want_compile() is False  # 6 images < compile_min_items
     assert ImageFeatureStage({"compile": "true"}, device="cpu")._want_compile() is True
+    assert ImageFeatureStage({}, device="cpu")._want_compile() is False  # off by default
     st.setup()
     from stages.features.image import decode
 
