@@ -247,6 +247,9 @@ class ImageFeatureStage(Stage):
                     self._buf[k] = (t, size, err)
             except StopIteration:
                 self._it = None
+            except Exception as exc:  # noqa: BLE001 - a dead worker: decode the rest in-process
+                log.warning("image features: decode workers failed (%s: %s); decoding in-process", type(exc).__name__, exc)
+                self._it = None
         if key in self._buf:
             return self._buf[key]
         t, size, err = decode(item["path"], int(self.conf["resize"]), int(self.conf["crop"]), item.get("what", ""))

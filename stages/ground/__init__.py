@@ -238,7 +238,11 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
     if trans_dir is not None and not trans_dir.is_dir():
         raise PipelineError(f"translation image folder {trans_dir} does not exist")
     items, keys, trans = [], {}, {}
+    from functools import lru_cache
+
     from pipeline.hashing import sha256_file
+
+    sha256_file = lru_cache(maxsize=None)(sha256_file)  # samples share images
 
     for rec in records:
         for view in VIEWS:
@@ -248,7 +252,7 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
                 p = trans_image_path(trans_dir, rec["split"], rec["img_id"])
                 if p is None:
                     continue
-                tkey = sha256_file(p)
+                tkey = sha256_file(str(p))
                 trans[rec["sample_id"]] = (tkey, str(p))
                 it = {"view": view, "image_key": tkey, "image_path": str(p)}
             else:
