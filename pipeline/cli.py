@@ -20,7 +20,7 @@ app.add_typer(cache_app, name="cache")
 
 ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
 CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
-TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre")
+TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | images (a folder of photos: --source <folder>)")
 SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
 MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
 PromptOpt = typer.Option("camim", "--prompt", envvar="PROMPT", help="prompt template name")

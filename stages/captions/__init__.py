@@ -16,6 +16,13 @@ from pipeline.store import StageCache, Store
 CAPTIONERS = Registry("caption backend")
 CAPTIONERS.add("imported", "stages.captions.imported:ImportedCaptioner")
 CAPTIONERS.add("none", "stages.captions.none:NoCaptioner")
+CAPTIONERS.add("dashscope", "stages.captions.dashscope_api:DashScopeCaptioner")
+CAPTIONERS.add("openai", "stages.captions.openai_compat:OpenAICaptioner")
+CAPTIONERS.add("blip2", "stages.captions.hf_blip2:Blip2Captioner")
+CAPTIONERS.add("instructblip", "stages.captions.hf_instructblip:InstructBlipCaptioner")
+CAPTIONERS.add("llava-next", "stages.captions.hf_llava_next:LlavaNextCaptioner")
+CAPTIONERS.add("qwen2-vl", "stages.captions.hf_qwen2_vl:Qwen2VLCaptioner")
+CAPTIONERS.add("minicpm", "stages.captions.hf_minicpm:MiniCPMCaptioner")
 
 
 class CaptionStage(Stage):
@@ -58,6 +65,25 @@ class Captions:
     def for_record(self, record: dict) -> str:
         return self.by_item.get(self.captioner.item_key(record), "")
 
+    def lines(self, max_failures: int = 10) -> list[str]:
+        """The summary line (done, cached, failed by reason, time), then tokens and
+        estimated cost, then the failed items (all of them are in ``failures.jsonl``)."""
+        out = [self.summary.line()]
+        x = self.summary.extra
+        if x.get("input_tokens") or x.get("output_tokens"):
+            line = f"  tokens: {x['input_tokens']} in, {x['output_tokens']} out"
+            if x.get("attempts"):  # API backends
+                line += f"; estimated cost ${x['cost_usd']:.4f}; {x['attempts']} requests"
+            out.append(line)
+        failed = x.get("failed_items") or []
+        if failed:
+            out.append(f"  failed items ({len(failed)}, listed in {self.cache.files_dir / 'failures.jsonl'}):")
+            for f in failed[:max_failures]:
+                out.append(f"    {f['img_id']}: {f['error']}")
+            if len(failed) > max_failures:
+                out.append(f"    ... {len(failed) - max_failures} more")
+        return out
+
 
 def make_captioner(mllm: str, settings: Settings):
     return CAPTIONERS.create(mllm, settings=settings)
@@ -70,5 +96,28 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     bs = settings.batch_size or settings.section("captions").get("batch_size") or captioner.default_batch_size
     cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img")
     wanted = {it["item_key"] for it in items}
-    by_item = {r["item_key"]: (r.get("caption") or "") for r in cache.rows() if r["ok"] and r["item_key"] in wanted}
+    rows = [r for r in cache.rows() if r["item_key"] in wanted]
+    by_item = {r["item_key"]: (r.get("caption") or "") for r in rows if r["ok"]}
+    _account(summary, cache, rows)
     return Captions(mllm, cache, summary, by_item, captioner)
+
+
+def _account(summary: RunSummary, cache: StageCache, rows: list[dict]) -> None:
+    """Totals of tokens, cost and requests over this run's items; list the failures."""
+    def total(name):
+        return sum((r.get(name) or 0) for r in rows)
+
+    failed = [{"item_key": r["item_key"], "img_id": r.get("img_id") or "", "error": r.get("error") or ""}
+              for r in rows if not r["ok"]]
+    summary.extra.update({
+        "input_tokens": int(total("input_tokens")), "output_tokens": int(total("output_tokens")),
+        "cost_usd": round(float(total("cost_usd")), 6), "attempts": int(total("attempts")),
+        "failed_items": failed,
+    })
+    if failed:
+        import json
+
+        from pipeline.store import atomic_write_bytes
+
+        text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failed)
+        atomic_write_bytes(cache.files_dir / "failures.jsonl", text.encode("utf-8"))
