@@ -197,9 +197,8 @@ def image_data_url(path: str | None) -> str:
             data = f.read()
     except OSError as exc:
         raise ValueError(f"missing image: {exc.strerror or exc}") from None
-    try:
+    try:  # the header only: the server decodes the rest (a broken body comes back as a 400)
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
             fmt = (im.format or "").lower()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"bad image: {exc}") from None
@@ -260,10 +259,12 @@ class ApiCaptioner(PromptedCaptioner):
         self.limiter = RateLimiter(conf["rpm"], conf["tpm"])
         self._pool: ThreadPoolExecutor | None = None
 
-    # batches: big enough to keep every worker busy, small enough to commit often
+    # One batch = one committed part.  The workers drain at the end of each batch
+    # (about half a request latency lost), so a batch holds ~32 requests per worker:
+    # ~1.5% drain loss, and a kill loses at most ~32 latencies of work (~10 s at 300 ms).
     @property
     def default_batch_size(self) -> int:  # type: ignore[override]
-        return max(64, 8 * int(self.conf["concurrency"]))
+        return max(64, 32 * int(self.conf["concurrency"]))
 
     def model_prices(self, model: str, conf: dict) -> dict:
         """Per-model default prices (USD per million tokens); config wins."""

@@ -84,6 +84,7 @@ def describe(data: bytes, prompt: str) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers do: no 40 ms delayed-ACK stalls
     server_version = "FakeMLLM/1"
 
     def log_message(self, *args):  # quiet
@@ -109,6 +110,14 @@ class Handler(BaseHTTPRequestHandler):
         else:
             body = {"error": {"message": message, "type": code, "code": code}}
         self._send(status, body, headers)
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/stats":
+            st = self.state
+            with st.lock:
+                self._send(200, {"requests": st.requests, "replies": st.replies, "max_in_flight": st.max_in_flight})
+        else:
+            self._send(404, {"error": "no such route"})
 
     def do_POST(self):  # noqa: N802
         st = self.state

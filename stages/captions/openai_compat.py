@@ -59,7 +59,7 @@ class OpenAICaptioner(ApiCaptioner):
         if key:
             headers["Authorization"] = f"Bearer {key}"
         try:
-            r = self._session.post(f"{self.base_url}/chat/completions", data=json.dumps(body), headers=headers,
+            r = self._session.post(f"{self.base_url}/chat/completions", data=json.dumps(body).encode("utf-8"), headers=headers,
                                    timeout=float(self.conf["timeout"]))
         except requests.exceptions.Timeout as exc:
             raise Transient("timeout", type(exc).__name__) from None

@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import PipelineError
 from stages import chain
 
-from conftest import settings
+from caption_helpers import settings
 
 KEY = "sk-test-0123456789abcdef"
 BACKENDS = ["dashscope:qwen-vl-plus", "openai:qwen2.5-vl-7b"]

@@ -3,7 +3,7 @@ import pytest
 from pipeline.errors import PipelineError
 from stages import chain
 
-from conftest import PHOTOS, mini_mnre, settings
+from caption_helpers import PHOTOS, mini_mnre, settings
 
 
 def test_images_task_lists_a_folder(tmp_path, photos):

@@ -7,7 +7,7 @@ from stages import chain
 from stages.features.text import caption_item_key
 
 import tiny_models as tm
-from conftest import PHOTOS, mini_mnre, settings
+from caption_helpers import PHOTOS, mini_mnre, settings
 
 BACKENDS = {  # backend -> builder
     "blip2": tm.build_blip2,

@@ -3,7 +3,7 @@ import pytest
 from pipeline.errors import PipelineError
 from stages.captions.prompts import load_prompt, names
 
-from conftest import settings
+from caption_helpers import settings
 
 REC = {"image_key": "k1", "img_id": "a.jpg", "tokens": ["Rihanna", "for", "Vogue", "Brasil"], "h_name": "Rihanna",
        "t_name": "Vogue Brasil", "sample_id": "test:0"}
