@@ -6,12 +6,15 @@ Adding a backend = one file in this folder + one ``CAPTIONERS.add`` line.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pipeline.config import Settings
 from pipeline.runner import RunSummary, run_stage
 from pipeline.stage import Registry, Stage
 from pipeline.store import StageCache, Store
+
+log = logging.getLogger("camim")
 
 CAPTIONERS = Registry("caption backend")
 CAPTIONERS.add("imported", "stages.captions.imported:ImportedCaptioner")
@@ -94,13 +97,29 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     stage = CaptionStage(captioner)
     items = captioner.items(records)
     bs = settings.batch_size or settings.section("captions").get("batch_size") or captioner.default_batch_size
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img",
+    store = Store(settings.cache_dir)
+    # items that failed transiently last time (an API outage, retries exhausted) are
+    # tried again; permanent failures (400s, bad images) stay recorded and are not
+    transient = _transient_failures(store.stage(stage.name, stage.key))
+    retry = [it for it in items if it["item_key"] in transient]
+    if retry:
+        log.info("captions: retrying %d item(s) that failed transiently before", len(retry))
+        run_stage(stage, retry, store, batch_size=bs, retry_failed=True, desc=f"captions {stage.label()} (retry)", unit="img")
+    cache, summary = run_stage(stage, items, store, batch_size=bs, desc=f"captions {stage.label()}", unit="img",
                                engine=settings.engine, workers=settings.workers)
     wanted = {it["item_key"] for it in items}
     rows = [r for r in cache.rows() if r["item_key"] in wanted]
     by_item = {r["item_key"]: (r.get("caption") or "") for r in rows if r["ok"]}
     _account(summary, cache, rows)
     return Captions(mllm, cache, summary, by_item, captioner)
+
+
+def _transient_failures(cache: StageCache) -> set[str]:
+    idx = cache.index()
+    if idx.num_rows == 0 or "error" not in idx.column_names:
+        return set()
+    return {k for k, ok, err in zip(idx.column("item_key").to_pylist(), idx.column("ok").to_pylist(),
+                                    idx.column("error").to_pylist()) if not ok and (err or "").startswith("transient")}
 
 
 def _account(summary: RunSummary, cache: StageCache, rows: list[dict]) -> None:

@@ -331,7 +331,7 @@ class ApiCaptioner(PromptedCaptioner):
             text, usage = self.policy.retrying()(attempt)
         except Transient as exc:
             return ItemResult(item["item_key"], row={**base, "attempts": attempts},
-                              error=f"transient {exc.reason} (gave up after {attempts} attempts): {exc.message}")
+                              error=f"transient {exc.reason}: gave up after {attempts} attempts" + (f": {exc.message}" if exc.message else ""))
         except Permanent as exc:
             return ItemResult(item["item_key"], row={**base, "attempts": attempts}, error=f"{exc.reason}: {exc.message}")
         text = " ".join((text or "").split())

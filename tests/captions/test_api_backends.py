@@ -118,7 +118,7 @@ def test_gives_up_after_max_attempts_with_a_readable_reason(tmp_path, photos, fa
         p.unlink()
     _, caps = run(tmp_path, mllm, photos, api_conf(mllm, max_attempts=3))
     (err,) = [f["error"] for f in caps.summary.extra["failed_items"]]
-    assert err.startswith("transient http 502 (gave up after 3 attempts): 502 Bad Gateway")
+    assert err.startswith("transient http 502: gave up after 3 attempts: 502 Bad Gateway")
     assert "<" not in err
 
 
@@ -184,3 +184,24 @@ def test_cli_captions_a_folder_against_the_fake_server(tmp_path, photos, fake_se
     assert p.returncode == 0, p.stderr
     assert "6 items, 0 cached, 6 new, 0 failed" in p.stdout and "tokens:" in p.stdout
     assert "Traceback" not in p.stderr and KEY not in p.stdout + p.stderr
+
+
+def test_rerun_retries_transient_failures_but_not_400s(tmp_path, photos, fake_server, monkeypatch):
+    mllm = "openai:m"
+    env_for(monkeypatch, fake_server, mllm)
+    st = fake_server.state
+    bad = photos / "coffee.jpg"
+    st.reject[hashlib.sha256(bad.read_bytes()).hexdigest()] = ("InvalidParameter", "image too small")
+    st.fail_rate, st.kinds = 1.0, ("503",)  # an outage: every request fails
+    _, first = run(tmp_path, mllm, photos, api_conf(mllm, max_attempts=2))
+    assert first.summary.failed == 6 and first.summary.failures == {"transient http 503 ServiceUnavailable": 6}
+    st.fail_rate = 0.0  # the outage is over
+    before = st.requests
+    ds, second = run(tmp_path, mllm, photos, api_conf(mllm, max_attempts=2))
+    assert st.requests - before == 6  # the 400 image was sent again only because it had never got an answer
+    failed = {f["img_id"]: f["error"] for f in second.summary.extra["failed_items"]}
+    assert list(failed) == ["coffee.jpg"] and failed["coffee.jpg"].startswith("http 400 InvalidParameter")
+    assert all(second.for_record(r) for r in ds.records.to_pylist() if r["img_id"] != "coffee.jpg")
+    before = st.requests
+    run(tmp_path, mllm, photos, api_conf(mllm, max_attempts=2))
+    assert st.requests == before  # the permanent 400 is not retried on a re-run
