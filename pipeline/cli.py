@@ -134,9 +134,21 @@ def report():
 
 
 @app.command()
-def bench():
-    """Benchmarks (printed numbers and ratios)."""
-    _not_built("bench", "see the head and visual-side issues")
+def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to run (default: every bench/*.py)")):
+    """Benchmarks (printed numbers and ratios): runs ``main()`` of each ``bench/*.py``."""
+    import importlib.util
+
+    found = {p.stem: p for p in sorted((REPO_ROOT / "bench").glob("*.py")) if not p.name.startswith("_")}
+    unknown = [n for n in names or [] if n not in found]
+    if unknown:
+        typer.echo(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}", err=True)
+        raise typer.Exit(2)
+    for name in names or list(found):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", found[name])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        typer.echo(f"== bench/{name}.py")
+        mod.main([])
 
 
 @cache_app.command("ls")
