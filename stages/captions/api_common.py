@@ -36,6 +36,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
 
+from .base import read_image_bytes
 from .prompts import PromptedCaptioner
 
 log = logging.getLogger("camim")
@@ -190,13 +191,7 @@ def image_data_url(path: str | None) -> str:
     """
     from PIL import Image, UnidentifiedImageError
 
-    if not path:
-        raise ValueError("missing image: not in the image folder (set IMAGE_DIR)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"missing image: {exc.strerror or exc}") from None
+    data = read_image_bytes(path)
     try:  # the header only: the server decodes the rest (a broken body comes back as a 400)
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "").lower()
@@ -286,11 +281,15 @@ class ApiCaptioner(PromptedCaptioner):
     def setup(self) -> None:
         self.check_key()
         self._pool = ThreadPoolExecutor(max_workers=int(self.conf["concurrency"]), thread_name_prefix=f"{self.backend}-api")
+        self._session = make_session(int(self.conf["concurrency"]))
 
     def teardown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if getattr(self, "_session", None) is not None:
+            self._session.close()
+            self._session = None
 
     def check_key(self) -> None:
         """Fail before any request when the key is required and absent."""

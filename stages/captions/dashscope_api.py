@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .api_common import ApiCaptioner, Permanent, Transient, api_key, http_error, make_session
+from .api_common import ApiCaptioner, Permanent, Transient, api_key, http_error
 
 # Estimated list prices, USD per million tokens (Model Studio, international); check
 # yours and override with [captions.dashscope] price_in_per_mtok / price_out_per_mtok.
@@ -48,13 +48,6 @@ class DashScopeCaptioner(ApiCaptioner):
         # headers at debug level): our retry policy reports failures per item instead
         logging.getLogger("dashscope").setLevel(logging.CRITICAL)
         super().setup()
-        self._session = make_session(int(self.conf["concurrency"]))
-
-    def teardown(self) -> None:
-        super().teardown()
-        if getattr(self, "_session", None) is not None:
-            self._session.close()
-            self._session = None
 
     def request(self, item, data_url):
         import requests

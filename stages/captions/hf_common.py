@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
 from stages.features.encoders import pick_device, pick_dtype, resolve, torch_dtype
 
+from .base import read_image_bytes
 from .prompts import PromptedCaptioner
 
 log = logging.getLogger("camim")
@@ -35,13 +36,7 @@ def load_image(path: str | None):
     """Open an image as RGB; ``ValueError`` with the reason when it is missing or bad."""
     from PIL import Image, UnidentifiedImageError
 
-    if not path:
-        raise ValueError("missing image: not in the image folder (set IMAGE_DIR)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"missing image: {exc.strerror or exc}") from None
+    data = read_image_bytes(path)
     try:
         im = Image.open(io.BytesIO(data))
         im.load()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from .api_common import ApiCaptioner, Transient, api_key, http_error, make_session
+from .api_common import ApiCaptioner, Transient, api_key, http_error
 
 
 class OpenAICaptioner(ApiCaptioner):
@@ -31,16 +31,6 @@ class OpenAICaptioner(ApiCaptioner):
 
     def check_key(self) -> None:
         api_key(self.conf["api_key_env"], required=bool(self.conf["require_key"]))
-
-    def setup(self) -> None:
-        super().setup()
-        self._session = make_session(int(self.conf["concurrency"]))
-
-    def teardown(self) -> None:
-        super().teardown()
-        if getattr(self, "_session", None) is not None:
-            self._session.close()
-            self._session = None
 
     def request(self, item, data_url):
         import requests

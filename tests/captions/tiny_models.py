@@ -64,6 +64,14 @@ def _llama_text(tok, hidden=32):
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None).to_dict()
 
 
+def _blip_family(tok, nq, qformer_vocab):
+    """Config parts BLIP-2 and InstructBLIP share: vision tower, Q-Former, OPT text model."""
+    layer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    return dict(vision_config=dict(layer, image_size=32, patch_size=8),
+                qformer_config=dict(layer, encoder_hidden_size=32, vocab_size=qformer_vocab),
+                text_config=_opt_text(tok), num_query_tokens=nq, image_token_index=tok.convert_tokens_to_ids("<image>"))
+
+
 def _seed():
     import torch
 
@@ -76,18 +84,9 @@ def build_blip2(path: Path) -> Path:
     _seed()
     tok = bpe_tokenizer(["<|endoftext|>", "<|im_end|>", "<image>"])
     nq = 4
-    cfg = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32,
-                            vocab_size=100),
-        text_config=_opt_text(tok), num_query_tokens=nq, image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    model = Blip2ForConditionalGeneration(cfg)
+    model = Blip2ForConditionalGeneration(Blip2Config(**_blip_family(tok, nq, qformer_vocab=100)))
     proc = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok, num_query_tokens=nq)
-    _fix_generation(model, tok)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, tok, path)
 
 
 def build_instructblip(path: Path) -> Path:
@@ -98,19 +97,10 @@ def build_instructblip(path: Path) -> Path:
     tok = bpe_tokenizer(["<|endoftext|>", "<|im_end|>", "<image>"])
     qtok = bert_tokenizer()
     nq = 4
-    cfg = InstructBlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32,
-                            vocab_size=len(qtok)),
-        text_config=_opt_text(tok), num_query_tokens=nq, image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    model = InstructBlipForConditionalGeneration(cfg)
+    model = InstructBlipForConditionalGeneration(InstructBlipConfig(**_blip_family(tok, nq, qformer_vocab=len(qtok))))
     proc = InstructBlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
                                  qformer_tokenizer=qtok, num_query_tokens=nq)
-    _fix_generation(model, tok)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, tok, path)
 
 
 def build_llava_next(path: Path) -> Path:
@@ -129,10 +119,7 @@ def build_llava_next(path: Path) -> Path:
                                  image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    _fix_generation(model, tok)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+    return _save(model, proc, tok, path)
 
 
 QWEN_TEMPLATE = (
@@ -163,6 +150,10 @@ def build_qwen2_vl(path: Path) -> Path:
     ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=1024)
     vp = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=1024)
     proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
+    return _save(model, proc, tok, path)
+
+
+def _save(model, proc, tok, path: Path) -> Path:
     _fix_generation(model, tok)
     model.save_pretrained(path)
     proc.save_pretrained(path)
