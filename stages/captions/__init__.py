@@ -41,6 +41,10 @@ class CaptionStage(Stage):
     def label(self) -> str:
         return self.captioner.label()
 
+    @property
+    def device(self) -> str:
+        return self.captioner.device_name()
+
     def setup(self) -> None:
         self.captioner.setup()
 

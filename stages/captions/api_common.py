@@ -153,6 +153,15 @@ class RateLimiter:
         self._tokens = self.tpm
         self._t_tokens = clock()
 
+    def __getstate__(self):  # picklable (ENGINE=ray ships stages to actors); each copy limits alone
+        state = self.__dict__.copy()
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def acquire(self, est_tokens: int = 0) -> None:
         if self.rpm > 0:
             with self._lock:

@@ -44,6 +44,10 @@ class Captioner:
                 seen[k] = {"item_key": k, "img_id": r["img_id"], "image_path": r.get("image_path")}
         return list(seen.values())
 
+    def device_name(self) -> str:
+        """Where the model runs (the Ray engine asks for a GPU per worker on "cuda")."""
+        return "cpu"
+
     def setup(self) -> None:
         pass
 

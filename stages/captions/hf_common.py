@@ -88,6 +88,9 @@ class LocalCaptioner(PromptedCaptioner):
                 **self.prompt_key(), "generation": self.generation()}
 
     # -- loading -----------------------------------------------------------
+    def device_name(self) -> str:
+        return pick_device(self.settings.device)
+
     def setup(self) -> None:
         import torch
         import transformers

@@ -205,3 +205,45 @@ def test_rerun_retries_transient_failures_but_not_400s(tmp_path, photos, fake_se
     before = st.requests
     run(tmp_path, mllm, photos, api_conf(mllm, max_attempts=2))
     assert st.requests == before  # the permanent 400 is not retried on a re-run
+
+
+def test_sigkill_mid_run_resumes_from_the_last_committed_batch(tmp_path, photos, fake_server):
+    import signal
+
+    fake_server.state.latency = 0.3
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OPENAI_BASE_URL=fake_server.openai_url, CACHE_DIR=str(cache), TASK="images",
+               MLLM="openai:m", BATCH_SIZE="2", CAPTION_CONCURRENCY="1")
+    env.pop("MNRE_SOURCE", None)
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pipeline.cli", "captions", "--source", str(photos)]
+    p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    parts = []
+    while time.monotonic() < deadline and not parts:  # wait for the first committed part
+        parts = list(cache.glob("captions/*/parts/part-*.parquet"))
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert parts, "no part was committed"
+    import pyarrow.parquet as pq
+
+    committed = sum(pq.read_table(x).num_rows for x in cache.glob("captions/*/parts/part-*.parquet"))
+    assert 2 <= committed < 6
+    before = fake_server.state.requests
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"6 items, {committed} cached, {6 - committed} new, 0 failed" in done.stdout
+    assert fake_server.state.requests - before == 6 - committed
+
+
+@pytest.mark.parametrize("mllm", BACKENDS)
+def test_api_stage_pickles_for_ray_workers(tmp_path, mllm):
+    import pickle
+
+    from stages.captions import CaptionStage, make_captioner
+
+    stage = CaptionStage(make_captioner(mllm, settings(tmp_path, api_conf(mllm, rpm=60))))
+    copy = pickle.loads(pickle.dumps(stage))
+    assert copy.key == stage.key and copy.device == "cpu"
+    copy.captioner.limiter.acquire()  # the lock was rebuilt
