@@ -111,3 +111,27 @@ def test_missing_offline_model_is_a_clear_error(tmp_path, monkeypatch):
     s = settings(tmp_path, local_conf("blip2"), task="images", source=str(PHOTOS), mllm="blip2")
     with pytest.raises(PipelineError, match="local model folder"):
         chain.captions(s)
+
+
+def test_out_of_memory_halves_the_batch_and_carries_on(tmp_path, model_dirs, monkeypatch, caplog):
+    import torch
+
+    from stages.captions import run_captions
+    from stages.captions.hf_common import LocalCaptioner
+
+    real = LocalCaptioner.generate
+    sizes = []
+
+    def generate(self, images, prompts):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, prompts)
+
+    monkeypatch.setattr(LocalCaptioner, "generate", generate)
+    s = settings(tmp_path, local_conf("qwen2-vl"), task="images", source=str(PHOTOS), mllm=f"qwen2-vl:{model_dirs['qwen2-vl']}",
+                 batch_size=6)
+    caps = run_captions(s, s.mllm, chain.data(s).records.to_pylist())
+    assert caps.summary.done == 6 and caps.summary.failed == 0
+    assert sizes[:2] == [6, 3] and max(sizes[2:]) <= 2  # 6 -> 3 -> 1 (halved, floor)
+    assert "batch size halved" in caplog.text
