@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "fixtures" / "photos"
 
 
+def photo_files() -> list[Path]:
+    return sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
 def _best(fn, repeats: int) -> float:
     fn()  # warm-up (oneDNN primitive creation, allocator)
     best = float("inf")
@@ -126,7 +130,7 @@ def stage_end_to_end(n: int, workers: int) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = sorted(PHOTOS.iterdir())
+        src = photo_files()
         items = []
         for i in range(n):
             im = Image.open(src[i % len(src)]).convert("RGB")
@@ -152,7 +156,7 @@ def cosines(weights: str) -> list[dict]:
     from stages.features import backbones
     from stages.features.image import decode, prepare_model
 
-    x8 = torch.stack([decode(str(p), 256, 224)[0] for p in sorted(PHOTOS.iterdir())])
+    x8 = torch.stack([decode(str(p), 256, 224)[0] for p in photo_files()])
     out = []
     from pipeline.errors import PipelineError
 

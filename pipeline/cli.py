@@ -20,7 +20,7 @@ app.add_typer(cache_app, name="cache")
 
 ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
 CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
-TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre")
+TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | images (a folder of photos: --source <folder>)")
 SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
 MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
 PromptOpt = typer.Option("camim", "--prompt", envvar="PROMPT", help="prompt template name")
@@ -190,14 +190,21 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
 
 
 @app.command()
-def bench(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
-          only: Optional[str] = typer.Option(None, "--only", envvar="BENCH", help="comma-separated benchmark names (bench/<name>.py)"),
-          device: str = DeviceOpt):
-    """Benchmarks: every bench/<name>.py's main() (printed numbers and ratios)."""
-    from bench import run_all
+def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to run (default: every bench/*.py)")):
+    """Benchmarks (printed numbers and ratios): runs ``main()`` of each ``bench/*.py``."""
+    import importlib.util
 
-    _guard(run_all, _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, device=device),
-           [x.strip() for x in only.split(",")] if only else None)
+    found = {p.stem: p for p in sorted((REPO_ROOT / "bench").glob("*.py")) if not p.name.startswith("_")}
+    unknown = [n for n in names or [] if n not in found]
+    if unknown:
+        typer.echo(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}", err=True)
+        raise typer.Exit(2)
+    for name in names or list(found):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", found[name])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        typer.echo(f"== bench/{name}.py")
+        mod.main([])
 
 
 @cache_app.command("ls")

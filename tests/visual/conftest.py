@@ -1,11 +1,10 @@
 """Fixtures for the visual side: real photos, generated "translation" images, a crop
 folder laid out like HVPNeT's ``img_vg``, and tiny random OWLv2 / Grounding DINO models.
 
-The six real photos are scikit-image's sample data (``skimage/data/``: astronaut and
-rocket are NASA public-domain photos; chelsea, coffee, motorcycle_left and horse are
-the scikit-image project's own CC0/public-domain samples), committed under
-``tests/fixtures/photos``.  If that folder is absent they are extracted from a
-scikit-image wheel fetched with ``pip download`` into a cache folder.
+The six real photos are scikit-image's sample data, committed (downscaled) under
+``tests/fixtures/photos`` (see its README for sources and terms).  If that folder is
+absent they are extracted from a scikit-image wheel fetched with ``pip download`` into a
+cache folder and downscaled the same way.
 """
 
 from __future__ import annotations
@@ -25,13 +24,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 REPO = Path(__file__).resolve().parents[2]
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "horse.png")
+# committed name -> name inside the wheel's skimage/data/
+PHOTOS = {"astronaut.jpg": "astronaut.png", "chelsea.jpg": "chelsea.png", "coffee.jpg": "coffee.png",
+          "rocket.jpg": "rocket.jpg", "motorcycle_left.jpg": "motorcycle_left.png", "horse.png": "horse.png"}
 SAMPLE = REPO / "data" / "sample" / "mnre"
 for var in ("GROUND", "CROP_DIR", "TRANS_DIR", "CROP_INDEX", "IMAGE_DIR", "MNRE_SOURCE"):
     os.environ.pop(var, None)
 
 
 def _photos_from_wheel(dest: Path) -> Path:
+    import io
+
+    from PIL import Image
+
     cache = Path(os.environ.get("CAMIM_TEST_CACHE", Path.home() / ".cache" / "camim-tests"))
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("scikit_image-*.whl"))
@@ -40,8 +45,13 @@ def _photos_from_wheel(dest: Path) -> Path:
         wheels = sorted(cache.glob("scikit_image-*.whl"))
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheels[-1]) as zf:
-        for name in PHOTOS:
-            (dest / name).write_bytes(zf.read(f"skimage/data/{name}"))
+        for name, orig in PHOTOS.items():
+            im = Image.open(io.BytesIO(zf.read(f"skimage/data/{orig}")))
+            im.thumbnail((320, 320))
+            if name.endswith(".jpg"):
+                im.convert("RGB").save(dest / name, quality=88)
+            else:
+                im.save(dest / name)
     return dest
 
 
