@@ -150,12 +150,13 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           epochs: Optional[int] = typer.Option(None, "--epochs"), opt: Optional[list[str]] = OptOpt,
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
-          device: str = DeviceOpt, on_error: str = OnErrorOpt):
+          device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
     def go():
-        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error)
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
+                      image_dir=image_dir)
         over = _train_overrides(head, opt, epochs)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
         return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
@@ -177,12 +178,13 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to compare (default: none + every shipped source)"),
            seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
-           device: str = DeviceOpt, on_error: str = OnErrorOpt):
+           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
     def go():
-        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error)
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
+                      image_dir=image_dir)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
         return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs), name)
 

@@ -112,3 +112,16 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     for stage in ("ground", "image_features", "image_streams"):
         on_disk = {p.name for p in (cache / stage).iterdir() if p.is_dir()}
         assert on_disk and on_disk <= {k for s_, k in live if s_ == stage}, stage
+
+
+def test_make_train_sees_the_image_streams(visual_source, tiny_source, tmp_path, monkeypatch):
+    """`camim train` with the same IMAGE_DIR / CROP_DIR / TRANS_DIR as `camim features`."""
+    monkeypatch.setenv("CROP_DIR", str(visual_source["crops"] / "val" / "crops"))
+    monkeypatch.setenv("TRANS_DIR", str(visual_source["trans"]))
+    monkeypatch.setenv("CAMIM_RUNS_DIR", str(tmp_path / "runs"))
+    args = ["--cache-dir", str(tmp_path / "cache"), "--source", str(tiny_source), "--image-dir", str(visual_source["images"]), "--mllm", "none"]
+    res = CliRunner().invoke(app, ["train", *args, "--epochs", "1", "--opt", "hidden=32", "--opt", "heads=2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (metrics,) = list((tmp_path / "runs").glob("*/metrics.json"))
+    m = json.loads(metrics.read_text())["modalities"]
+    assert m["image"] and m["objects"] and m["translation_image"] and m["translation_objects"]
