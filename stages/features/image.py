@@ -169,6 +169,7 @@ class ImageFeatureStage(Stage):
                 "grid": bool(c["grid"]),
                 "prefix": "hvpnet avg_pool k=s=side//2 over 4 stages" if c["prefix"] else False,
             },
+            "shapes": self.shapes(self.backbone.channels),
             "compute_dtype": self.compute_dtype,
             "fuse_bn": bool(c["fuse_bn"]),
             "store_dtype": c["store_dtype"],

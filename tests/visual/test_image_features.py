@@ -53,6 +53,7 @@ def test_shapes_dtype_and_key(lite0_fp32_bf16):
     kc = stage.key_config()
     assert kc["preprocess"]["resize_short"] == 256 and kc["preprocess"]["center_crop"] == 224
     assert kc["outputs"]["grid"] is True and kc["compute_dtype"] == "fp32"
+    assert kc["shapes"] == {"pooled": [1280], "grid": [1280, 7, 7], "prefix": [1456, 2, 2]}
     assert stage.key != lite0_fp32_bf16["bf16"][0].key
 
 
