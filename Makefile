@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 CAMIM   := $(BIN)/camim
 STAMP   := $(VENV)/.installed
 export MLLM PROMPT TASK PROFILE CACHE_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS ENGINE WORKERS ON_ERROR REPORT BENCH
+export CROP_DIR TRANS_DIR CROP_INDEX
+# caption API backends (keys such as DASHSCOPE_API_KEY come from your environment as is)
+export CAPTION_CONCURRENCY CAPTION_RPM CAPTION_TPM CAPTION_TIMEOUT CAPTION_MAX_ATTEMPTS DASHSCOPE_HTTP_BASE_URL OPENAI_BASE_URL
 
 .PHONY: install test data captions ground features train eval report demo bench cache-ls cache-gc clean
 

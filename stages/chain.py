@@ -32,7 +32,8 @@ def captions(settings: Settings, mllms: list[str] | None = None, ds=None):
     out = []
     for mllm in mllms or settings.mllms:
         caps = run_captions(settings, mllm, records)
-        print(caps.summary.line())
+        for line in caps.lines():
+            print(line)
         print(f"  -> {caps.cache.dir}")
         out.append(caps)
     return ds, out
@@ -45,7 +46,21 @@ def features(settings: Settings, mllms: list[str] | None = None):
     feats = run_text_features(settings, ds.records.to_pylist(), caps)
     print(feats.summary.line())
     print(f"  -> {feats.cache.dir}")
+    from stages.features.visual import has_images, run_visual
+
+    if has_images(settings):  # the image half: grounding crops + image features + streams
+        run_visual(settings, ds.records.to_pylist())
     return ds, caps, feats
+
+
+def ground(settings: Settings):
+    from stages.ground import run_grounding, summary_lines
+
+    ds = data(settings)
+    g = run_grounding(settings, ds.records.to_pylist())
+    for line in summary_lines(g):
+        print(line)
+    return ds, g
 
 
 def shipped_sources(settings: Settings) -> list[str]:

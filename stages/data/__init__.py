@@ -26,6 +26,7 @@ SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 
 TASKS = Registry("task")
 TASKS.add("mnre", "stages.data.mnre:MnreTask")
+TASKS.add("images", "stages.data.images:ImagesTask")
 
 
 @dataclass
@@ -62,6 +63,8 @@ def prepare(settings: Settings) -> Dataset:
     task = get_task(settings)
     files = task.source_files(settings)
     image_dir = Path(settings.image_dir) if settings.image_dir else None
+    if image_dir is None and hasattr(task, "image_dir"):  # a task that is a folder of images
+        image_dir = task.image_dir(settings)
     key_config = {
         "task": settings.task,
         "reader": task.version,

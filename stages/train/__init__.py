@@ -49,7 +49,7 @@ Three registries are the extension points (``module:attr`` strings, resolved laz
     ============== ============ ==============================================
 
     A ``has_*``/``*_mask`` tensor is required with its stream.  Register with
-    ``STREAMS.add("image", "stages.features.image:train_streams")``.
+    ``STREAMS.add("image", "stages.features.visual:train_streams")``.
 
 The RE batch (built by :mod:`stages.train.data` from the records manifest, the
 captions cache and the ``text_features`` cache; ``B`` samples, ``L``/``Lc`` the
@@ -82,5 +82,6 @@ DATASETS = Registry("train dataset")
 DATASETS.add("re", "stages.train.data:build_re_data")
 
 STREAMS = Registry("feature stream")
+STREAMS.add("image", "stages.features.visual:train_streams")
 
 DEFAULT_METRICS = "stages.train.metrics:re_metrics"
