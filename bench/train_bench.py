@@ -28,7 +28,20 @@ def _timed_steps(fn, n: int) -> list[float]:
     return out
 
 
-def main(settings) -> None:
+def _settings_from_env():
+    from pipeline.config import REPO_ROOT, Settings
+
+    return Settings(profile=os.environ.get("PROFILE", "offline"), cache_dir=os.environ.get("CACHE_DIR", str(REPO_ROOT / "cache")),
+                    task=os.environ.get("TASK", "mnre"), source=os.environ.get("MNRE_SOURCE") or None,
+                    device=os.environ.get("DEVICE", "auto"))
+
+
+def main(settings=None, argv: list[str] | None = None) -> int:
+    """``main(settings)``, or ``main([])`` / ``main()``: settings from PROFILE, CACHE_DIR, MNRE_SOURCE, TASK, DEVICE."""
+    from pipeline.config import Settings
+
+    if not isinstance(settings, Settings):
+        settings = _settings_from_env()
     from stages.features import text_stage
     from stages.features.text import mark_tokens
     from stages.train import HEADS
@@ -107,3 +120,4 @@ def main(settings) -> None:
     print(f"one step, batch {bs}: head only {th * 1000:.1f} ms, end-to-end with {stage.conf['model']} fwd+bwd {te * 1000:.1f} ms "
           f"-> head step = {th / te:.3f} of an end-to-end step ({te / th:.1f}x faster)")
     print("note: measured on a shared CPU while other jobs ran; absolute numbers are noisy, the ratio less so")
+    return 0
