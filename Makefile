@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 CAMIM   := $(BIN)/camim
 STAMP   := $(VENV)/.installed
 export MLLM PROMPT TASK PROFILE CACHE_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS
+export CROP_DIR TRANS_DIR CROP_INDEX
 
 .PHONY: install test data captions ground features train eval report demo bench cache-ls cache-gc clean
 

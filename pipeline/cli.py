@@ -106,9 +106,21 @@ def _not_built(stage: str, issue: str) -> None:
 
 
 @app.command()
-def ground():
-    """Visual-grounding crops (top-3 objects per image)."""
-    _not_built("grounding", "see the visual-side issue")
+def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+           on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
+           image_dir: Optional[str] = ImagesOpt,
+           ground_: Optional[str] = typer.Option(None, "--ground", envvar="GROUND", help="imported | detector (default: the profile's [ground] backend)"),
+           crop_dir: Optional[str] = typer.Option(None, "--crop-dir", envvar="CROP_DIR", help="HVPNeT crop folder (img_vg)"),
+           trans_dir: Optional[str] = typer.Option(None, "--trans-dir", envvar="TRANS_DIR", help="translation (generated) images (TMR diffusion_pic)"),
+           crop_index: Optional[str] = typer.Option(None, "--crop-index", envvar="CROP_INDEX", help="folder of img_vg_crops_*.json / diffusion_boxes_*.json")):
+    """Visual-grounding crops: top-m objects per sample (image and translation image)."""
+    from stages import chain
+
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error,
+                  batch_size=batch_size, device=device, image_dir=image_dir)
+    over = {"backend": ground_, "crop_dir": crop_dir, "trans_dir": trans_dir, "crop_index": crop_index}
+    s.conf.setdefault("ground", {}).update({k: v for k, v in over.items() if v})
+    _guard(chain.ground, s)
 
 
 @app.command()

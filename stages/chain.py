@@ -45,7 +45,21 @@ def features(settings: Settings, mllms: list[str] | None = None):
     feats = run_text_features(settings, ds.records.to_pylist(), caps)
     print(feats.summary.line())
     print(f"  -> {feats.cache.dir}")
+    from stages.features.visual import has_images, run_visual
+
+    if has_images(settings):  # the image half: grounding crops + image features + streams
+        run_visual(settings, ds.records.to_pylist())
     return ds, caps, feats
+
+
+def ground(settings: Settings):
+    from stages.ground import run_grounding, summary_lines
+
+    ds = data(settings)
+    g = run_grounding(settings, ds.records.to_pylist())
+    for line in summary_lines(g):
+        print(line)
+    return ds, g
 
 
 def shipped_sources(settings: Settings) -> list[str]:
