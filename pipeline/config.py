@@ -50,6 +50,8 @@ class Settings:
     batch_size: int | None = None
     device: str = "auto"
     image_dir: str | None = None
+    engine: str = "local"
+    workers: int | None = None
     conf: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -82,6 +82,55 @@ def _run_isolated(stage: Stage, batch: list[dict]) -> list[ItemResult]:
     return out
 
 
+def process_batch(stage: Stage, batch: list[dict]) -> list[ItemResult]:
+    """``stage.run(batch)``; if the batch raises, its items are run one by one and
+    each failure is recorded on its item. Out-of-memory errors propagate."""
+    try:
+        results = stage.run(batch)
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            raise
+        log.warning("%s: batch failed (%s); retrying its items one by one", stage.name, exc)
+        results = _run_isolated(stage, batch)
+    if len(results) != len(batch):
+        raise PipelineError(f"stage {stage.name} returned {len(results)} results for {len(batch)} items")
+    return results
+
+
+def plan(stage: Stage, items: list[dict], store: Store, retry_failed: bool = False):
+    """The stage's cache folder, the de-duplicated items, their inputs key, and the
+    items still to do (everything not already committed)."""
+    cache = store.stage(stage.name, stage.key)
+    cache.write_spec(stage.spec())
+    uniq: dict[str, dict] = {}
+    for it in items:
+        uniq.setdefault(it["item_key"], it)
+    done = cache.done_keys(include_failed=not retry_failed)
+    todo = [it for k, it in uniq.items() if k not in done]
+    return cache, uniq, key_of(sorted(uniq)), todo
+
+
+def finish(cache: StageCache, uniq: dict, inputs_key: str, summary: RunSummary, t0: float, todo: list[dict]) -> None:
+    """Count failures recorded by earlier runs (not retried now), write the done-marker."""
+    fresh = {it["item_key"] for it in todo}
+    for r in cache.rows():
+        if r["item_key"] in uniq and r["item_key"] not in fresh and not r["ok"]:
+            summary.failed += 1
+            summary.cached -= 1
+            summary.failures[_reason(r["error"] or "")] += 1
+    summary.seconds = time.perf_counter() - t0
+    cache.mark_done(inputs_key, summary.as_dict())
+
+
+def count(summary: RunSummary, results: list[ItemResult]) -> None:
+    for r in results:
+        if r.error is None:
+            summary.done += 1
+        else:
+            summary.failed += 1
+            summary.failures[_reason(r.error)] += 1
+
+
 def run_stage(
     stage: Stage,
     items: list[dict],
@@ -90,16 +139,21 @@ def run_stage(
     retry_failed: bool = False,
     desc: str | None = None,
     unit: str = "it",
+    engine: str = "local",
+    workers: int | None = None,
 ) -> tuple[StageCache, RunSummary]:
-    """Run ``stage`` over ``items`` (dicts with a unique ``item_key``), resuming."""
-    cache = store.stage(stage.name, stage.key)
-    cache.write_spec(stage.spec())
-    uniq: dict[str, dict] = {}
-    for it in items:
-        uniq.setdefault(it["item_key"], it)
-    inputs_key = key_of(sorted(uniq))
-    done = cache.done_keys(include_failed=not retry_failed)
-    todo = [it for k, it in uniq.items() if k not in done]
+    """Run ``stage`` over ``items`` (dicts with a unique ``item_key``), resuming.
+
+    ``engine="ray"`` runs the batches on Ray Data actors (see ``ray_runner``) with
+    the same cache, keys and resume semantics.
+    """
+    if engine == "ray":
+        from .ray_runner import run_stage_ray
+
+        return run_stage_ray(stage, items, store, batch_size, retry_failed, desc, unit, workers)
+    if engine != "local":
+        raise PipelineError(f"unknown engine {engine!r} (local or ray)")
+    cache, uniq, inputs_key, todo = plan(stage, items, store, retry_failed)
     summary = RunSummary(stage.name, stage.key, total=len(uniq), cached=len(uniq) - len(todo))
     t0 = time.perf_counter()
     if todo:
@@ -111,13 +165,7 @@ def run_stage(
                 while i < len(todo):
                     batch = todo[i : i + bs]
                     try:
-                        try:
-                            results = stage.run(batch)
-                        except Exception as exc:  # noqa: BLE001
-                            if is_oom(exc):
-                                raise
-                            log.warning("%s: batch failed (%s); retrying its items one by one", stage.name, exc)
-                            results = _run_isolated(stage, batch)
+                        results = process_batch(stage, batch)
                     except Exception as exc:  # noqa: BLE001
                         if is_oom(exc) and bs > 1:
                             bs = max(1, bs // 2)
@@ -125,28 +173,13 @@ def run_stage(
                             _free_accelerator_memory()
                             continue
                         raise
-                    if len(results) != len(batch):
-                        raise PipelineError(f"stage {stage.name} returned {len(results)} results for {len(batch)} items")
                     cache.write_part(results, ragged=stage.ragged)
-                    for r in results:
-                        if r.error is None:
-                            summary.done += 1
-                        else:
-                            summary.failed += 1
-                            summary.failures[_reason(r.error)] += 1
+                    count(summary, results)
                     bar.update(len(batch))
                     i += len(batch)
         finally:
             stage.teardown()
-    else:
-        # still count earlier failures so the summary is true on a warm re-run
-        for r in cache.rows():
-            if r["item_key"] in uniq and not r["ok"]:
-                summary.failed += 1
-                summary.failures[_reason(r["error"] or "")] += 1
-        summary.cached -= summary.failed
-    summary.seconds = time.perf_counter() - t0
-    cache.mark_done(inputs_key, summary.as_dict())
+    finish(cache, uniq, inputs_key, summary, t0, todo)
     return cache, summary
 
 

@@ -68,7 +68,8 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     stage = CaptionStage(captioner)
     items = captioner.items(records)
     bs = settings.batch_size or settings.section("captions").get("batch_size") or captioner.default_batch_size
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img")
+    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img",
+                               engine=settings.engine, workers=settings.workers)
     wanted = {it["item_key"] for it in items}
     by_item = {r["item_key"]: (r.get("caption") or "") for r in cache.rows() if r["ok"] and r["item_key"] in wanted}
     return Captions(mllm, cache, summary, by_item, captioner)

@@ -40,5 +40,6 @@ def run_text_features(settings: Settings, records: list[dict], captions: list) -
     sents.sort(key=lambda it: -len(it["tokens"]))
     cap_items = sorted(caps.values(), key=lambda it: -len(it["text"]))
     bs = settings.batch_size or int(settings.section("text").get("batch_size", 64))
-    cache, summary = run_stage(stage, sents + cap_items, Store(settings.cache_dir), batch_size=bs, desc="text features", unit="seq")
+    cache, summary = run_stage(stage, sents + cap_items, Store(settings.cache_dir), batch_size=bs, desc="text features", unit="seq",
+                               engine=settings.engine, workers=settings.workers)
     return TextFeatures(cache, summary, stage)
