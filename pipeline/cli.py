@@ -127,28 +127,77 @@ def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
     _guard(chain.ground, s)
 
 
+HeadOpt = typer.Option(None, "--head", envvar="HEAD", help="head: cam (see stages/train HEADS)")
+OptOpt = typer.Option(None, "--opt", help="head/trainer option KEY=VALUE (repeatable), e.g. --opt lr=3e-4 --opt align=S")
+SeedsOpt = typer.Option(None, "--seeds", envvar="SEEDS", help="comma-separated seeds (default: [train] seeds)")
+
+
+def _train_overrides(head, opt, epochs=None) -> dict:
+    from stages.train.trainer import parse_opts
+
+    over = parse_opts(opt or [])
+    if head:
+        over["head"] = head
+    if epochs is not None:
+        over["epochs"] = epochs
+    return over
+
+
 @app.command()
-def train():
-    """Train a head on cached features only."""
-    _not_built("train", "see the CAM+MI head issue")
+def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+          mllm: str = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption source (one), e.g. imported:qwen or none"),
+          head: Optional[str] = HeadOpt, seed: Optional[int] = typer.Option(None, "--seed", help="default: the first of [train] seeds"),
+          epochs: Optional[int] = typer.Option(None, "--epochs"), opt: Optional[list[str]] = OptOpt,
+          run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
+          force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
+          device: str = DeviceOpt, on_error: str = OnErrorOpt):
+    """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
+    from stages.train.trainer import train_one, train_options
+
+    def go():
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error)
+        over = _train_overrides(head, opt, epochs)
+        sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
+        return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
+
+    _guard(go)
 
 
 @app.command(name="eval")
-def eval_():
-    """Re-score a trained checkpoint."""
-    _not_built("eval", "see the CAM+MI head issue")
+def eval_(run: str = typer.Option(..., "--run", envvar="RUN", help="run id under runs/ or a run folder"),
+          profile: str = ProfileOpt, cache_dir: str = CacheOpt, device: str = DeviceOpt):
+    """Re-score a trained checkpoint on val and test (writes metrics-eval.json beside it)."""
+    from stages.train.trainer import eval_run
+
+    _guard(lambda: eval_run(_settings(profile=profile, cache_dir=cache_dir, device=device), run))
 
 
 @app.command()
-def report():
-    """Caption-model comparison report."""
-    _not_built("report", "see the CAM+MI head issue")
+def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+           mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to compare (default: none + every shipped source)"),
+           seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
+           opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
+           device: str = DeviceOpt, on_error: str = OnErrorOpt):
+    """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
+    from stages.report import run_report
+
+    def go():
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error)
+        sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs), name)
+
+    _guard(go)
 
 
 @app.command()
-def bench():
-    """Benchmarks (printed numbers and ratios)."""
-    _not_built("bench", "see the head and visual-side issues")
+def bench(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+          only: Optional[str] = typer.Option(None, "--only", envvar="BENCH", help="comma-separated benchmark names (bench/<name>.py)"),
+          device: str = DeviceOpt):
+    """Benchmarks: every bench/<name>.py's main() (printed numbers and ratios)."""
+    from bench import run_all
+
+    _guard(run_all, _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, device=device),
+           [x.strip() for x in only.split(",")] if only else None)
 
 
 @cache_app.command("ls")

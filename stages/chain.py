@@ -69,9 +69,14 @@ def shipped_sources(settings: Settings) -> list[str]:
 
 
 def demo(settings: Settings) -> float:
-    """data → captions (every shipped source) → features on the bundled sample."""
+    """data → captions (every shipped source) → features → train + report (``[report] demo_*``) on the bundled sample."""
+    from stages.report import run_report
+
     t0 = time.perf_counter()
     features(settings, shipped_sources(settings))
+    rconf = settings.section("report")
+    run_report(settings, shipped_sources(settings), [int(x) for x in rconf.get("demo_seeds", [1])],
+               {"epochs": int(rconf.get("demo_epochs", 3))}, name="demo", quiet_runs=True)
     took = time.perf_counter() - t0
     print(f"demo: chain finished in {fmt_seconds(took)} ({took:.2f}s); cache at {settings.cache_dir}")
     return took

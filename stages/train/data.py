@@ -71,6 +71,11 @@ class TrainData:
     text_levels: int = 1  # encoder levels concatenated in every word-piece vector
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """Per-record sentence length in pieces (for length-bucketed batches)."""
+        return self.sent.off[1:] - self.sent.off[:-1]
+
+    @property
     def dims(self) -> dict[str, int]:
         d = {"sent_word": int(self.sent.flat.shape[-1]), "sent_vec": int(self.sent_vec.shape[-1])}
         if self.text_levels > 1:
@@ -194,7 +199,11 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
     splits = {k: torch.tensor(v, dtype=torch.int64) for k, v in splits.items()}
     streams, skeys_extra = load_streams(settings, records)
     cache_keys = {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key, **skeys_extra}
+    uniq_caps = {k: t for k, t in zip(ckeys, texts) if k}
+    cap_words = [len(t.split()) for t in uniq_caps.values()]
     modalities = {
+        "caption_len_words": sum(cap_words) / len(cap_words) if cap_words else 0.0,
+        "captions": len(cap_words),
         "text": True,
         "caption": mllm if bool(has_cap.any()) else None,
         "caption_coverage": float(has_cap.float().mean()),

@@ -1,0 +1,329 @@
+"""The head trainer: cached features in, ``runs/<run-id>/`` out. Never runs an encoder.
+
+AdamW (weight decay on matrices only: none on biases and LayerNorm), linear warm-up
+over ``warmup`` (10%) of the steps then linear decay to 0, batch 32, seeded.  The
+epoch with the best validation micro-F1 is kept (strictly better, as CAMIM) and
+scored on val and test.  bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
+AVX512-BF16); parameters and the optimiser stay fp32.
+
+A run folder holds ``config.json`` (settings, options, every cache key),
+``metrics.json`` (fractions; per-epoch history; modalities present),
+``predictions.parquet`` (split, sample, gold, prediction) and ``model.safetensors``
+(the selected epoch).  A run whose folder already holds the same config and a
+``metrics.json`` is not trained again (``force=True`` retrains).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.hashing import key_of
+from pipeline.store import atomic_write_json, atomic_write_table
+
+from . import DATASETS, HEADS
+from .metrics import metric_fn
+
+log = logging.getLogger("camim")
+
+DEFAULTS = {
+    "head": "cam",
+    "epochs": 8,
+    "batch_size": 32,
+    "eval_batch_size": 256,
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "warmup": 0.1,
+    "amp": "auto",
+    "seeds": [1, 2, 3],
+    "threads": 0,
+    "bucket": 50,
+}
+# keys of [train] that are trainer settings, not head options
+TRAINER_KEYS = set(DEFAULTS) | {"streams"}
+
+
+def train_options(settings: Settings, overrides: dict | None = None) -> dict:
+    conf = {**DEFAULTS, **settings.section("train"), **(overrides or {})}
+    return conf
+
+
+def parse_opts(pairs: list[str]) -> dict:
+    """``["lr=3e-4", "align=S"]`` → ``{"lr": 0.0003, "align": "S"}`` (TOML values; bare words are strings)."""
+    import tomllib
+
+    out = {}
+    for pair in pairs or []:
+        k, eq, v = pair.partition("=")
+        if not eq or not k.strip():
+            raise PipelineError(f"--opt {pair!r}: expected KEY=VALUE")
+        try:
+            out[k.strip()] = tomllib.loads(f"x = {v}")["x"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def pick_device(device: str) -> torch.device:
+    from stages.features.encoders import pick_device as _pick
+
+    return torch.device(_pick(device))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively; ``amp = "off"`` disables autocast."""
+    if amp == "off":
+        return None
+    if amp not in ("auto", "bf16"):
+        raise PipelineError(f"train.amp must be auto, bf16 or off, not {amp!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if amp == "bf16":
+        return torch.bfloat16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(opt, total: int, warmup_frac: float):
+    warm = max(1, int(round(total * warmup_frac))) if warmup_frac > 0 else 0
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def load_data(settings: Settings, mllm: str, head_name: str):
+    from stages.data import get_task
+
+    head_cls = HEADS.get(head_name)
+    kind = getattr(head_cls, "dataset", None) or getattr(get_task(settings), "kind", "re")
+    return DATASETS.get(kind)(settings, mllm)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    dir: Path
+    metrics: dict
+    config: dict
+    reused: bool = False
+
+
+def epoch_batches(rows: torch.Tensor, lengths: torch.Tensor, bs: int, bucket: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled batches; with ``bucket`` > 0, each run of ``bucket`` batches is sorted by
+    length first (less padding), and the batch order is shuffled again."""
+    perm = rows[torch.randperm(len(rows), generator=gen)]
+    if bucket <= 0:
+        return list(perm.split(bs))
+    out = []
+    for chunk in perm.split(bs * bucket):
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        out.extend(chunk.split(bs))
+    return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(model, data, split: str, conf: dict, device, amp, metrics) -> tuple[dict, list[int]]:
+    model.eval()
+    rows = data.splits[split]
+    order = torch.argsort(data.lengths[rows], stable=True)  # length-sorted batches: little padding
+    preds: list = [None] * len(rows)
+    ebs = int(conf["eval_batch_size"])
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for i in range(0, len(rows), ebs):
+            pos = order[i : i + ebs]
+            b = _to(data.batch(rows[pos]), device)
+            b.pop("label")
+            p = model.predict(b)
+            # a dataset may turn raw predictions into per-sample labels (e.g. NER spans)
+            for j, v in zip(pos.tolist(), data.decode(b, p) if hasattr(data, "decode") else p.tolist()):
+                preds[j] = v
+    return metrics(data.gold(split), preds, data.labels), preds
+
+
+def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> dict:
+    return {
+        "task": settings.task,
+        "head": conf["head"],
+        "mllm": mllm,
+        "seed": seed,
+        "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads")},
+        "cache_keys": data.cache_keys,
+        "labels": data.labels,
+        "dims": data.dims,
+    }
+
+
+def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None = None, data=None,
+              run_id: str | None = None, force: bool = False, quiet: bool = False) -> RunResult:
+    conf = train_options(settings, overrides)
+    head_name = conf["head"]
+    head_cls = HEADS.get(head_name)
+    data = data if data is not None else load_data(settings, mllm, head_name)
+    config = run_config(settings, data, mllm, seed, conf)
+    key = key_of(config)
+    run_id = run_id or settings.run or f"{head_name}-{mllm.replace(':', '-').replace('/', '_')}-s{seed}-{key[:8]}"
+    out_dir = settings.runs_dir / run_id
+    say = (lambda *a: None) if quiet else print
+    mpath = out_dir / "metrics.json"
+    if not force and mpath.exists() and (out_dir / "config.json").exists():
+        old = json.loads((out_dir / "config.json").read_text())
+        if old.get("key") == key:
+            say(f"train [{run_id}]: already trained with this config; reusing {out_dir} (--force retrains)")
+            return RunResult(run_id, out_dir, json.loads(mpath.read_text()), old, reused=True)
+    device = pick_device(settings.device)
+    amp = amp_dtype(str(conf["amp"]), device)
+    if int(conf["threads"]) > 0:
+        torch.set_num_threads(int(conf["threads"]))
+    seed_all(seed)
+    model = head_cls(data.dims, len(data.labels), {k: v for k, v in conf.items() if k not in TRAINER_KEYS}).to(device)
+    metrics = metric_fn(head_cls)
+    train_rows = data.splits.get("train")
+    if train_rows is None or "val" not in data.splits:
+        raise PipelineError(f"task {settings.task}: training needs train and val splits, got {sorted(data.splits)}")
+    bs = int(conf["batch_size"])
+    epochs = int(conf["epochs"])
+    steps_per_epoch = math.ceil(len(train_rows) / bs)
+    opt = torch.optim.AdamW(param_groups(model, float(conf["weight_decay"])), lr=float(conf["lr"]))
+    sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
+    gen = torch.Generator().manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", {**config, "key": key, "profile": settings.conf, "source": settings.source})
+    best_f1, best_epoch, best_state = -1.0, -1, None
+    history = []
+    t0 = time.perf_counter()
+    n_seen = 0
+    train_seconds = 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        te = time.perf_counter()
+        sums: dict[str, float] = {}
+        for rows in epoch_batches(train_rows, data.lengths, bs, int(conf["bucket"]), gen):
+            b = _to(data.batch(rows), device)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = model(b)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            sched.step()
+            n_seen += len(b["label"])
+            sums["loss"] = sums.get("loss", 0.0) + float(out["loss"].detach())
+            for k, v in out.get("aux", {}).items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        train_seconds += time.perf_counter() - te
+        val, _ = evaluate(model, data, "val", conf, device, amp, metrics)
+        row = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}, "val_f1": val["f1"],
+               "val_acc": val.get("acc"), "seconds": time.perf_counter() - te}
+        history.append(row)
+        better = val["f1"] > best_f1
+        if better:
+            best_f1, best_epoch = val["f1"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        say(f"  epoch {epoch}/{epochs}: loss {row['loss']:.4f}" + "".join(f" {k} {row[k]:.4f}" for k in sums if k != "loss")
+            + f"  val F1 {val['f1'] * 100:.2f}{' *' if better else ''}  ({row['seconds']:.1f}s)")
+    model.load_state_dict(best_state)
+    results, pred_rows = {}, {"split": [], "index": [], "sample_id": [], "gold": [], "pred": [], "gold_label": [], "pred_label": []}
+    for split in [s for s in ("val", "test") if s in data.splits]:
+        m, preds = evaluate(model, data, split, conf, device, amp, metrics)
+        results[split] = m
+        idx = data.splits[split].tolist()
+        gold = data.gold(split)
+        pred_rows["split"] += [split] * len(idx)
+        pred_rows["index"] += idx
+        pred_rows["sample_id"] += [data.records[i]["sample_id"] for i in idx]
+        pred_rows["gold"] += gold
+        pred_rows["pred"] += preds
+        pred_rows["gold_label"] += [data.labels[g] for g in gold]
+        pred_rows["pred_label"] += [data.labels[p] for p in preds]
+    wall = time.perf_counter() - t0
+    metrics_doc = {
+        "run_id": run_id,
+        "head": head_name,
+        "mllm": mllm,
+        "seed": seed,
+        "best_epoch": best_epoch,
+        **results,
+        "history": history,
+        "modalities": data.modalities,
+        "device": str(device),
+        "amp": str(amp).replace("torch.", "") if amp else "fp32",
+        "train_samples_per_s": n_seen / train_seconds if train_seconds else 0.0,
+        "wall_s": wall,
+    }
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(out_dir / "model.safetensors"))
+    atomic_write_table(out_dir / "predictions.parquet", pa.table(pred_rows))
+    atomic_write_json(mpath, metrics_doc)
+    t = results.get("test", {})
+    say(f"train [{run_id}]: best epoch {best_epoch}, val F1 {best_f1 * 100:.2f}, test Acc {t.get('acc', 0) * 100:.2f} "
+        f"P {t.get('precision', 0) * 100:.2f} R {t.get('recall', 0) * 100:.2f} F1 {t.get('f1', 0) * 100:.2f} "
+        f"({wall:.1f}s) -> {out_dir}")
+    return RunResult(run_id, out_dir, metrics_doc, config)
+
+
+def eval_run(settings: Settings, run: str) -> dict:
+    """Re-score a run's checkpoint on val and test; the cache keys must match the run's."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run) if Path(run).is_dir() else settings.runs_dir / run
+    cpath, wpath = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cpath.exists() or not wpath.exists():
+        raise PipelineError(f"{run_dir}: not a finished run (needs config.json and model.safetensors)")
+    config = json.loads(cpath.read_text())
+    s = Settings(profile=settings.profile, cache_dir=settings.cache_dir, task=config["task"],
+                 source=config.get("source"), device=settings.device, conf=config["profile"])
+    conf = {**DEFAULTS, **config["options"]}
+    data = load_data(s, config["mllm"], config["head"])
+    if data.cache_keys != config["cache_keys"]:
+        raise PipelineError(f"{cpath}: the cached features changed since training "
+                            f"(run: {config['cache_keys']}, now: {data.cache_keys}); re-run features with the run's profile")
+    head_cls = HEADS.get(config["head"])
+    device = pick_device(settings.device)
+    model = head_cls(data.dims, len(data.labels), {k: v for k, v in conf.items() if k not in TRAINER_KEYS})
+    model.load_state_dict(load_file(str(wpath)))
+    model.to(device)
+    amp = amp_dtype(str(conf.get("amp", "auto")), device)
+    out = {}
+    for split in ("val", "test"):
+        if split in data.splits:
+            out[split], _ = evaluate(model, data, split, conf, device, amp, metric_fn(head_cls))
+            m = out[split]
+            print(f"eval [{run_dir.name}] {split}: Acc {m.get('acc', 0) * 100:.2f} P {m['precision'] * 100:.2f} "
+                  f"R {m['recall'] * 100:.2f} F1 {m['f1'] * 100:.2f} (n={m.get('n')})")
+    atomic_write_json(run_dir / "metrics-eval.json", out)
+    return out
