@@ -14,6 +14,7 @@ the ``valid`` split is called ``val`` like in every other task.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pipeline.config import REPO_ROOT, Settings
@@ -27,6 +28,8 @@ TYPES = ("PER", "LOC", "ORG", "MISC")
 TAGS = ("O",) + tuple(f"{p}-{t}" for t in TYPES for p in ("B", "I"))
 TAG2ID = {t: i for i, t in enumerate(TAGS)}
 RENAME = {"OTHER": "MISC"}
+
+log = logging.getLogger("camim")
 
 
 def normalise_tag(tag: str) -> str:
@@ -172,10 +175,12 @@ class TwitterTask:
         root = self.source_dir(settings) / "captions"
         files = sorted(root.glob(f"{name}_*.txt")) if root.is_dir() else []
         if not files:
-            raise PipelineError(
-                f"Twitter-{self.year} ships no captions named {name!r}: use MLLM=none (text only), "
-                "a captioner that reads the images (IMAGE_DIR), or imported:<file|folder>"
-            )
+            if "/" in name or "." in name:
+                raise PipelineError(f"caption file or folder {name!r} does not exist")
+            # the default MLLM (imported:qwen) has no Twitter captions: every image is
+            # recorded as uncaptioned and the heads run text-only (metrics.json says so)
+            log.warning("Twitter-%s ships no captions named %r: every image is uncaptioned (text only); "
+                        "MLLM=none says so explicitly", self.year, name)
         return files
 
 

@@ -77,6 +77,7 @@ def ner_metrics(gold: list[list[int]], pred: list[list[int]], labels: list[str])
         "f1": float(micro["f1-score"]),
         "support": int(micro["support"]),
         "per_type": types,
+        "per_label": types,  # the name the report reads (entity types here)
     }
 
 
@@ -143,6 +144,15 @@ class NerData:
         if self.cap is not None:
             d["cap_word"] = int(self.cap.flat.shape[-1])
         return d
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Per-record sentence length in pieces (for length-bucketed batches)."""
+        return self.sent.off[1:] - self.sent.off[:-1]
+
+    def label_text(self, ids: list[int]) -> str:
+        """A tag-id sequence as space-separated BIO tags (predictions.parquet)."""
+        return " ".join(self.labels[int(i)] for i in ids)
 
     def gold(self, split: str) -> list[list[int]]:
         return [list(self.records[i]["tag_ids"]) for i in self.splits[split].tolist()]

@@ -267,8 +267,9 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
         pred_rows["sample_id"] += [data.records[i]["sample_id"] for i in idx]
         pred_rows["gold"] += gold
         pred_rows["pred"] += preds
-        pred_rows["gold_label"] += [data.labels[g] for g in gold]
-        pred_rows["pred_label"] += [data.labels[p] for p in preds]
+        name = getattr(data, "label_text", None) or data.labels.__getitem__  # NER: tag sequences
+        pred_rows["gold_label"] += [name(g) for g in gold]
+        pred_rows["pred_label"] += [name(p) for p in preds]
     wall = time.perf_counter() - t0
     metrics_doc = {
         "run_id": run_id,

@@ -61,7 +61,13 @@ def test_box_file_is_validated(tmp_path):
 def test_object_streams_from_crops_and_boxes(tmp_path):
     from stages.train.umre import SLOTS, build_umre_data
 
-    s = Settings(task="umre", cache_dir=tmp_path / "c", mllm="none")
+    src = tmp_path / "small"
+    shutil.copytree(SAMPLE, src)
+    for split, n in (("train", 10), ("val", 4), ("test", 4)):
+        lines = (src / f"{split}_set.json").read_text().splitlines()
+        keep = [ln for ln in lines if "'[OBJ" in ln.split("'t'")[0]][:2] + lines[:n]  # an object head is among them
+        (src / f"{split}_set.json").write_text("\n".join(keep) + "\n")
+    s = Settings(task="umre", source=str(src), cache_dir=tmp_path / "c", mllm="none")
     data = build_umre_data(s, "none")
     assert data.modalities["objects"]["object_crops"] == data.modalities["objects"]["objects"] > 0
     assert data.dims["obj_vec"] == 1280  # EfficientNet-Lite0 pooled crop features
