@@ -48,7 +48,7 @@ DEFAULTS = {
     "n_cadf": 2,
     "ffn": 4,
     "dropout": 0.1,
-    "encoder": "bilstm",   # none | bilstm
+    "encoder": "none",     # none | bilstm (slow on CPU; our addition for frozen features)
     "lstm_layers": 1,
     "n_vis": 64,           # visual tokens kept for the CA module (VEC-MNER: 110)
     "ca_reduction": 6,     # W1: n_vis → n_vis/ca_reduction... at least 2 (release: 110 → 6)

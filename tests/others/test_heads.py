@@ -37,7 +37,7 @@ def vec(b, **o):
 
 
 @pytest.mark.parametrize("cap,opts", [
-    (True, {}), (False, {}), (True, {"encoder": "none", "ca_gate": "softmax"}),
+    (True, {}), (False, {"encoder": "bilstm"}), (True, {"encoder": "bilstm", "ca_gate": "softmax"}),
     (True, {"shape_dim": 0, "n_cadf": 0, "levels": [-1]}),
 ])
 def test_vecmner_forward_backward_predict(cap, opts):
