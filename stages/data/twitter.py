@@ -117,6 +117,28 @@ def read_conll(path: Path, split: str, on_error: str = "stop") -> ReadResult:
     return out
 
 
+def caption_files(root: Path, name: str, what: str) -> list[Path]:
+    """Caption files of ``MLLM=imported:<name>`` for a task without shipped captions: a
+    file, a folder, or ``<root>/<name>_<split>.txt``.  A shipped name that is not there
+    (the default ``imported:qwen``) gives no file: every image is then recorded as
+    uncaptioned and the heads run text-only, which the run's ``metrics.json`` records."""
+    direct = Path(name)
+    if direct.is_file():
+        return [direct]
+    if direct.is_dir():
+        files = sorted(p for p in direct.iterdir() if p.suffix in (".txt", ".json"))
+        if files:
+            return files
+        raise PipelineError(f"caption folder {direct} has no .txt or .json files")
+    files = sorted(root.glob(f"{name}_*.txt")) if root.is_dir() else []
+    if not files:
+        if "/" in name or "." in name:
+            raise PipelineError(f"caption file or folder {name!r} does not exist")
+        log.warning("%s ships no captions named %r: every image is uncaptioned (text only); MLLM=none says so explicitly",
+                    what, name)
+    return files
+
+
 class TwitterTask:
     """``TASK=twitter15`` / ``TASK=twitter17``."""
 
@@ -164,25 +186,7 @@ class TwitterTask:
     def caption_files(self, settings: Settings, name: str) -> list[Path]:
         """Imported per-image captions: a file, a folder, or ``captions/<name>_<split>.txt``
         of the source folder (same formats as MNRE's CAMIM caption files)."""
-        direct = Path(name)
-        if direct.is_file():
-            return [direct]
-        if direct.is_dir():
-            files = sorted(p for p in direct.iterdir() if p.suffix in (".txt", ".json"))
-            if files:
-                return files
-            raise PipelineError(f"caption folder {direct} has no .txt or .json files")
-        root = self.source_dir(settings) / "captions"
-        files = sorted(root.glob(f"{name}_*.txt")) if root.is_dir() else []
-        if not files:
-            if "/" in name or "." in name:
-                raise PipelineError(f"caption file or folder {name!r} does not exist")
-            # the default MLLM (imported:qwen) has no Twitter captions: every image is
-            # recorded as uncaptioned and the heads run text-only (metrics.json says so)
-            log.warning("Twitter-%s ships no captions named %r: every image is uncaptioned (text only); "
-                        "MLLM=none says so explicitly", self.year, name)
-        return files
-
+        return caption_files(self.source_dir(settings) / "captions", name, f"Twitter-{self.year}")
 
 class Twitter2015Task(TwitterTask):
     year = "2015"

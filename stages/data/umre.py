@@ -195,11 +195,6 @@ class UmreTask:
         return []
 
     def caption_files(self, settings: Settings, name: str) -> list[Path]:
-        direct = Path(name)
-        if direct.is_file():
-            return [direct]
-        if direct.is_dir():
-            files = sorted(p for p in direct.iterdir() if p.suffix in (".txt", ".json"))
-            if files:
-                return files
-        raise PipelineError(f"UMRE ships no captions named {name!r}: use MLLM=none or imported:<file|folder>")
+        from .twitter import caption_files
+
+        return caption_files(self.source_dir(settings) / "captions", name, "UMRE")
