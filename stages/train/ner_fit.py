@@ -1,7 +1,7 @@
 """A small fit loop for NER heads over ``NerData`` (the quality experiments of the
 VEC-MNER head; ``camim train`` uses the shared trainer).  AdamW with linear warmup and
 decay, gradient clipping, best epoch by val entity F1, test scored at that epoch only;
-the head's ``param_groups()`` (if any) gets ``fast_lr`` for its ``fast`` group.
+the head's ``fast_params()`` (if any) get ``fast_lr``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def fit(head_cls, data, options: dict, epochs: int = 10, lr: float = 1e-3, fast_
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     head = head_cls(data.dims, len(data.labels), options).to(device)
-    groups = head.param_groups() if hasattr(head, "param_groups") else {"body": list(head.parameters())}
-    opt = torch.optim.AdamW([{"params": groups.get("body", []), "lr": lr}, {"params": groups.get("fast", []), "lr": fast_lr}],
+    fast = {id(p) for p in (head.fast_params() if hasattr(head, "fast_params") else [])}
+    body = [p for p in head.parameters() if p.requires_grad and id(p) not in fast]
+    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": [p for p in head.parameters() if id(p) in fast], "lr": fast_lr}],
                             weight_decay=weight_decay)
     train = data.splits["train"]
     per = (len(train) + batch_size - 1) // batch_size

@@ -58,6 +58,7 @@ DEFAULTS = {
     "contrastive": 1.0,    # weight of the symmetric contrastive loss
     "learn_scale": False,
     "levels": None,        # which cached text levels to mix (indices; default all)
+    "fast_lr_scale": 10.0,  # CRF + emission layer learning rate = lr × this
 }
 
 
@@ -205,15 +206,12 @@ class VecMnerHead(nn.Module):
         self.fc = nn.Linear(d + sd, n_labels)
         self.crf = WordCRF(n_labels)
         self.scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=bool(o["learn_scale"]))
+        self.fast_lr_scale = float(o["fast_lr_scale"])
 
-    # the CRF and the emission layer learn fast in VEC-MNER (lr 5e-2); the trainer may
-    # use this to give them their own learning rate
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        fast = {id(p) for p in list(self.crf.parameters()) + list(self.fc.parameters())}
-        return {
-            "fast": [p for p in self.parameters() if id(p) in fast and p.requires_grad],
-            "body": [p for p in self.parameters() if id(p) not in fast and p.requires_grad],
-        }
+    # the CRF and the emission layer learn faster (VEC-MNER: 5e-2 against 3e-5 for the
+    # rest); the trainer gives them lr × fast_lr_scale
+    def fast_params(self) -> list[nn.Parameter]:
+        return list(self.crf.parameters()) + list(self.fc.parameters())
 
     def _noise(self, x, mask):
         a = float(self.o["neftune"])
