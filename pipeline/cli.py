@@ -20,7 +20,7 @@ app.add_typer(cache_app, name="cache")
 
 ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
 CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
-TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | twitter15 | twitter17 | umre")
+TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | twitter15 | twitter17 | umre | images (a folder of photos: --source <folder>)")
 SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
 MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
 PromptOpt = typer.Option("camim", "--prompt", envvar="PROMPT", help="prompt template name")
@@ -123,7 +123,7 @@ def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error,
                   batch_size=batch_size, device=device, image_dir=image_dir)
     over = {"backend": ground_, "crop_dir": crop_dir, "trans_dir": trans_dir, "crop_index": crop_index}
-    s.conf.setdefault("ground", {}).update({k: v for k, v in over.items() if v})
+    s.conf["ground_cli"] = {k: v for k, v in over.items() if v}
     _guard(chain.ground, s)
 
 
@@ -150,12 +150,13 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           epochs: Optional[int] = typer.Option(None, "--epochs"), opt: Optional[list[str]] = OptOpt,
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
-          device: str = DeviceOpt, on_error: str = OnErrorOpt):
+          device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
     def go():
-        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error)
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
+                      image_dir=image_dir)
         over = _train_overrides(head, opt, epochs)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
         return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
@@ -177,12 +178,13 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to compare (default: none + every shipped source)"),
            seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
-           device: str = DeviceOpt, on_error: str = OnErrorOpt):
+           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
     def go():
-        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error)
+        s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
+                      image_dir=image_dir)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
         if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
             from stages.report.heads import run_head_comparison
@@ -195,14 +197,21 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
 
 
 @app.command()
-def bench(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
-          only: Optional[str] = typer.Option(None, "--only", envvar="BENCH", help="comma-separated benchmark names (bench/<name>.py)"),
-          device: str = DeviceOpt):
-    """Benchmarks: every bench/<name>.py's main() (printed numbers and ratios)."""
-    from bench import run_all
+def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to run (default: every bench/*.py)")):
+    """Benchmarks (printed numbers and ratios): runs ``main()`` of each ``bench/*.py``."""
+    import importlib.util
 
-    _guard(run_all, _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, device=device),
-           [x.strip() for x in only.split(",")] if only else None)
+    found = {p.stem: p for p in sorted((REPO_ROOT / "bench").glob("*.py")) if not p.name.startswith("_")}
+    unknown = [n for n in names or [] if n not in found]
+    if unknown:
+        typer.echo(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}", err=True)
+        raise typer.Exit(2)
+    for name in names or list(found):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", found[name])
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        typer.echo(f"== bench/{name}.py")
+        mod.main([])
 
 
 @cache_app.command("ls")

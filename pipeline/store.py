@@ -171,7 +171,8 @@ class StageCache:
         return path
 
     def index(self) -> pa.Table:
-        """All committed rows, first occurrence of each item_key, with their part."""
+        """All committed rows, one per item_key (its first successful row, else its
+        latest row: a failure retried later is superseded), with their part."""
         if self._index is not None:
             return self._index
         tables = []
@@ -184,14 +185,14 @@ class StageCache:
             return self._index
         table = pa.concat_tables(tables, promote_options="default")
         keys = table.column("item_key").to_pylist()
-        seen: set[str] = set()
-        keep = []
+        oks = table.column("ok").to_pylist()
+        first: dict[str, int] = {}
         for i, k in enumerate(keys):
-            if k not in seen:
-                seen.add(k)
-                keep.append(i)
-        if len(keep) != len(keys):
-            table = table.take(pa.array(keep, pa.int64()))
+            j = first.get(k)
+            if j is None or not oks[j]:  # a failure is superseded by any later row
+                first[k] = i
+        if len(first) != len(keys):
+            table = table.take(pa.array(sorted(first.values()), pa.int64()))
         self._index = table
         return table
 

@@ -32,7 +32,8 @@ def captions(settings: Settings, mllms: list[str] | None = None, ds=None):
     out = []
     for mllm in mllms or settings.mllms:
         caps = run_captions(settings, mllm, records)
-        print(caps.summary.line())
+        for line in caps.lines():
+            print(line)
         print(f"  -> {caps.cache.dir}")
         out.append(caps)
     return ds, out

@@ -31,6 +31,9 @@ def live_keys(settings: Settings, explicit_mllm: bool) -> set[tuple[str, str]]:
             continue
         for stage, key in _flatten(recorded):
             keys.add((stage, key))
+    from stages.features.visual import live_keys as visual_live_keys
+
+    keys |= visual_live_keys(settings, keys)
     return keys
 
 

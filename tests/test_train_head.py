@@ -124,3 +124,51 @@ def test_re_metrics_follow_the_mnre_definition():
     assert m["per_label"]["a"]["precision"] == pytest.approx(1 / 2) and m["per_label"]["b"]["recall"] == pytest.approx(1 / 2)
     assert "None" not in m["per_label"]
     assert re_metrics([0, 0], [0, 0], labels)["f1"] == 0.0
+
+
+def test_opts_parse_as_toml_values():
+    from pipeline.errors import PipelineError
+    from stages.train.trainer import parse_opts
+
+    assert parse_opts(["lr=3e-4", "align=W&S", "text_layers=2", "seeds=[1, 2]", "amp=\"off\""]) == {
+        "lr": 3e-4, "align": "W&S", "text_layers": 2, "seeds": [1, 2], "amp": "off"}
+    with pytest.raises(PipelineError, match="KEY=VALUE"):
+        parse_opts(["lr"])
+
+
+def test_bucketed_batches_cover_every_row_once():
+    from stages.train.trainer import epoch_batches
+
+    rows = torch.arange(100, 197)
+    lengths = torch.randint(3, 120, (200,))
+    batches = epoch_batches(rows, lengths, 8, 4, torch.Generator().manual_seed(0))
+    flat = torch.cat(batches)
+    assert sorted(flat.tolist()) == rows.tolist() and max(len(b) for b in batches) == 8
+    # inside a batch, lengths are sorted (drawn from one bucket)
+    assert all(bool((lengths[b][1:] >= lengths[b][:-1]).all()) for b in batches)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    from stages.train.trainer import linear_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = linear_schedule(opt, 100, 0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_no_weight_decay_on_biases_and_layernorm():
+    from stages.train.trainer import param_groups
+
+    head = build(synth_batch())
+    decay, no_decay = param_groups(head, 0.01)
+    names = {id(p): n for n, p in head.named_parameters()}
+    assert all(not names[id(p)].endswith("bias") and p.ndim >= 2 for p in decay["params"])
+    assert any("ln" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01

@@ -6,6 +6,7 @@ Adding a backend = one file in this folder + one ``CAPTIONERS.add`` line.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pipeline.config import Settings
@@ -13,9 +14,18 @@ from pipeline.runner import RunSummary, run_stage
 from pipeline.stage import Registry, Stage
 from pipeline.store import StageCache, Store
 
+log = logging.getLogger("camim")
+
 CAPTIONERS = Registry("caption backend")
 CAPTIONERS.add("imported", "stages.captions.imported:ImportedCaptioner")
 CAPTIONERS.add("none", "stages.captions.none:NoCaptioner")
+CAPTIONERS.add("dashscope", "stages.captions.dashscope_api:DashScopeCaptioner")
+CAPTIONERS.add("openai", "stages.captions.openai_compat:OpenAICaptioner")
+CAPTIONERS.add("blip2", "stages.captions.hf_blip2:Blip2Captioner")
+CAPTIONERS.add("instructblip", "stages.captions.hf_instructblip:InstructBlipCaptioner")
+CAPTIONERS.add("llava-next", "stages.captions.hf_llava_next:LlavaNextCaptioner")
+CAPTIONERS.add("qwen2-vl", "stages.captions.hf_qwen2_vl:Qwen2VLCaptioner")
+CAPTIONERS.add("minicpm", "stages.captions.hf_minicpm:MiniCPMCaptioner")
 
 
 class CaptionStage(Stage):
@@ -30,6 +40,10 @@ class CaptionStage(Stage):
 
     def label(self) -> str:
         return self.captioner.label()
+
+    @property
+    def device(self) -> str:
+        return self.captioner.device_name()
 
     def setup(self) -> None:
         self.captioner.setup()
@@ -58,6 +72,25 @@ class Captions:
     def for_record(self, record: dict) -> str:
         return self.by_item.get(self.captioner.item_key(record), "")
 
+    def lines(self, max_failures: int = 10) -> list[str]:
+        """The summary line (done, cached, failed by reason, time), then tokens and
+        estimated cost, then the failed items (all of them are in ``failures.jsonl``)."""
+        out = [self.summary.line()]
+        x = self.summary.extra
+        if x.get("input_tokens") or x.get("output_tokens"):
+            line = f"  tokens: {x['input_tokens']} in, {x['output_tokens']} out"
+            if x.get("attempts"):  # API backends
+                line += f"; estimated cost ${x['cost_usd']:.4f}; {x['attempts']} requests"
+            out.append(line)
+        failed = x.get("failed_items") or []
+        if failed:
+            out.append(f"  failed items ({len(failed)}, listed in {self.cache.files_dir / 'failures.jsonl'}):")
+            for f in failed[:max_failures]:
+                out.append(f"    {f['img_id']}: {f['error']}")
+            if len(failed) > max_failures:
+                out.append(f"    ... {len(failed) - max_failures} more")
+        return out
+
 
 def make_captioner(mllm: str, settings: Settings):
     return CAPTIONERS.create(mllm, settings=settings)
@@ -68,8 +101,47 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     stage = CaptionStage(captioner)
     items = captioner.items(records)
     bs = settings.batch_size or settings.section("captions").get("batch_size") or captioner.default_batch_size
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"captions {stage.label()}", unit="img",
+    store = Store(settings.cache_dir)
+    # items that failed transiently last time (an API outage, retries exhausted) are
+    # tried again; permanent failures (400s, bad images) stay recorded and are not
+    transient = _transient_failures(store.stage(stage.name, stage.key))
+    retry = [it for it in items if it["item_key"] in transient]
+    if retry:
+        log.info("captions: retrying %d item(s) that failed transiently before", len(retry))
+        run_stage(stage, retry, store, batch_size=bs, retry_failed=True, desc=f"captions {stage.label()} (retry)", unit="img")
+    cache, summary = run_stage(stage, items, store, batch_size=bs, desc=f"captions {stage.label()}", unit="img",
                                engine=settings.engine, workers=settings.workers)
     wanted = {it["item_key"] for it in items}
-    by_item = {r["item_key"]: (r.get("caption") or "") for r in cache.rows() if r["ok"] and r["item_key"] in wanted}
+    rows = [r for r in cache.rows() if r["item_key"] in wanted]
+    by_item = {r["item_key"]: (r.get("caption") or "") for r in rows if r["ok"]}
+    _account(summary, cache, rows)
     return Captions(mllm, cache, summary, by_item, captioner)
+
+
+def _transient_failures(cache: StageCache) -> set[str]:
+    idx = cache.index()
+    if idx.num_rows == 0 or "error" not in idx.column_names:
+        return set()
+    return {k for k, ok, err in zip(idx.column("item_key").to_pylist(), idx.column("ok").to_pylist(),
+                                    idx.column("error").to_pylist()) if not ok and (err or "").startswith("transient")}
+
+
+def _account(summary: RunSummary, cache: StageCache, rows: list[dict]) -> None:
+    """Totals of tokens, cost and requests over this run's items; list the failures."""
+    def total(name):
+        return sum((r.get(name) or 0) for r in rows)
+
+    failed = [{"item_key": r["item_key"], "img_id": r.get("img_id") or "", "error": r.get("error") or ""}
+              for r in rows if not r["ok"]]
+    summary.extra.update({
+        "input_tokens": int(total("input_tokens")), "output_tokens": int(total("output_tokens")),
+        "cost_usd": round(float(total("cost_usd")), 6), "attempts": int(total("attempts")),
+        "failed_items": failed,
+    })
+    if failed:
+        import json
+
+        from pipeline.store import atomic_write_bytes
+
+        text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failed)
+        atomic_write_bytes(cache.files_dir / "failures.jsonl", text.encode("utf-8"))

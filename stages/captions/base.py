@@ -44,6 +44,10 @@ class Captioner:
                 seen[k] = {"item_key": k, "img_id": r["img_id"], "image_path": r.get("image_path")}
         return list(seen.values())
 
+    def device_name(self) -> str:
+        """Where the model runs (the Ray engine asks for a GPU per worker on "cuda")."""
+        return "cpu"
+
     def setup(self) -> None:
         pass
 
@@ -52,3 +56,14 @@ class Captioner:
 
     def caption(self, batch: list[dict]) -> list[ItemResult]:
         raise NotImplementedError
+
+
+def read_image_bytes(path: str | None) -> bytes:
+    """The bytes of an item's image; ``ValueError("missing image: ...")`` when there are none."""
+    if not path:
+        raise ValueError("missing image: not in the image folder (set IMAGE_DIR)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"missing image: {exc.strerror or exc}") from None

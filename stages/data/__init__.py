@@ -29,6 +29,7 @@ TASKS.add("mnre", "stages.data.mnre:MnreTask")
 TASKS.add("twitter15", "stages.data.twitter:Twitter2015Task")
 TASKS.add("twitter17", "stages.data.twitter:Twitter2017Task")
 TASKS.add("umre", "stages.data.umre:UmreTask")
+TASKS.add("images", "stages.data.images:ImagesTask")
 
 
 @dataclass
@@ -65,8 +66,8 @@ def prepare(settings: Settings) -> Dataset:
     task = get_task(settings)
     files = task.source_files(settings)
     image_dir = Path(settings.image_dir) if settings.image_dir else None
-    if image_dir is None and hasattr(task, "default_image_dir"):  # e.g. the bundled UMRE sample's images
-        image_dir = task.default_image_dir(settings)
+    if image_dir is None and hasattr(task, "image_dir"):  # a task that is a folder of images
+        image_dir = task.image_dir(settings)
     key_config = {
         "task": settings.task,
         "reader": task.version,

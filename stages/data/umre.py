@@ -152,7 +152,7 @@ class UmreTask:
             raise PipelineError(f"UMRE source {path} is not a folder")
         return path
 
-    def default_image_dir(self, settings: Settings) -> Path | None:
+    def image_dir(self, settings: Settings) -> Path | None:
         d = self.source_dir(settings) / "images"
         return d if d.is_dir() else None
 

@@ -18,7 +18,10 @@ model; a missing, corrupt or truncated file becomes a per-item error (recorded i
 the index with its reason) and the run goes on.
 
 Fast path (default where it is safe): bf16 weights and activations on CPUs with AMX
-or AVX512-BF16 and on CUDA, channels_last, and Conv+BatchNorm folding.  Features are
+or AVX512-BF16 and on CUDA for backbones whose bf16 features stay within cosine 0.999
+of fp32 (ResNet50; not EfficientNet-Lite0, which ``auto`` runs in fp32),
+channels_last and Conv+BatchNorm folding.  ``torch.compile`` is opt-in (``compile = true``
+or ``"auto"``): its gain on CPU did not reproduce across our measurements.  Features are
 stored as fp16 whatever the compute dtype; the compute dtype is part of the key.
 """
 
@@ -48,7 +51,8 @@ DEFAULTS = {
     "store_dtype": "float16",
     "channels_last": True,
     "fuse_bn": True,
-    "compile": False,
+    "compile": False,     # true | auto (only for runs of >= compile_min_items images) | false; see ARCHITECTURE
+    "compile_min_items": 3000,
     "batch_size": 32,
     "workers": "auto",
 }
@@ -123,6 +127,8 @@ class Prepared:
     module: object
     dtype: object
     channels_last: bool
+    compiled: bool = False
+    eager: object = None
 
 
 class ImageFeatureStage(Stage):
@@ -134,7 +140,10 @@ class ImageFeatureStage(Stage):
         self.backbone = backbones.create(self.conf["backbone"], str(self.conf["weights"]))
         self.identity = self.backbone.identity()
         self.device = encoders.pick_device(device)
-        self.compute_dtype = encoders.pick_dtype(self.conf["compute_dtype"], self.device)
+        if self.conf["compute_dtype"] == "auto" and not self.backbone.bf16_safe:
+            self.compute_dtype = "fp32"  # bf16 features of this backbone drift too far from fp32
+        else:
+            self.compute_dtype = encoders.pick_dtype(self.conf["compute_dtype"], self.device)
         w = workers if workers is not None else self.conf["workers"]
         self.workers = default_workers() if w in ("auto", None) else int(w)
         self.pending: list[dict] = []
@@ -160,6 +169,7 @@ class ImageFeatureStage(Stage):
                 "grid": bool(c["grid"]),
                 "prefix": "hvpnet avg_pool k=s=side//2 over 4 stages" if c["prefix"] else False,
             },
+            "shapes": self.shapes(self.backbone.channels),
             "compute_dtype": self.compute_dtype,
             "fuse_bn": bool(c["fuse_bn"]),
             "store_dtype": c["store_dtype"],
@@ -184,11 +194,29 @@ class ImageFeatureStage(Stage):
         loaded = self.backbone.load()
         self.loaded = loaded
         self.model = prepare_model(loaded.module, self.device, self.compute_dtype, bool(self.conf["channels_last"]),
-                                   bool(self.conf["fuse_bn"]), bool(self.conf["compile"]))
+                                   bool(self.conf["fuse_bn"]), self._want_compile())
         self._torch = torch
         self._mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1).to(self.device) * 255
         self._std = torch.tensor(self.backbone.std).view(1, 3, 1, 1).to(self.device) * 255
         self._start_loader()
+
+    def _want_compile(self) -> bool:
+        """``compile = "auto"``: only for runs long enough to repay the compile time
+        (about 30-80 s for ResNet50 on 2 CPU cores) and where inductor can build kernels.
+        The default is ``false``: on 2 AMX cores the compiled ResNet50 was 1.75x faster in
+        one run but no faster in four fresh-process repeats (see ARCHITECTURE)."""
+        c = self.conf["compile"]
+        if isinstance(c, str) and c.lower() in ("true", "false"):
+            c = c.lower() == "true"
+        if c != "auto":
+            return bool(c)
+        if len(self.pending) < int(self.conf["compile_min_items"]):
+            return False
+        if self.device.startswith("cuda"):
+            return True
+        import shutil
+
+        return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 
     def _start_loader(self) -> None:
         import torch
@@ -219,6 +247,9 @@ class ImageFeatureStage(Stage):
                 for k, t, size, err in next(self._it):
                     self._buf[k] = (t, size, err)
             except StopIteration:
+                self._it = None
+            except Exception as exc:  # noqa: BLE001 - a dead worker: decode the rest in-process
+                log.warning("image features: decode workers failed (%s: %s); decoding in-process", type(exc).__name__, exc)
                 self._it = None
         if key in self._buf:
             return self._buf[key]
@@ -257,8 +288,20 @@ class ImageFeatureStage(Stage):
         x = x.to(m.dtype)
         if m.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        full = int(self.conf["batch_size"])
+        if m.compiled and n < full:  # one static shape: pad the last batch instead of recompiling
+            x = torch.cat([x, x[-1:].expand(full - n, *x.shape[1:])], 0)
         with torch.inference_mode():
-            maps = m.module(x)
+            try:
+                maps = m.module(x)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the run
+                if not m.compiled:
+                    raise
+                log.warning("image features: torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__, str(exc)[:200])
+                m.module, m.compiled = m.eager, False
+                maps = m.module(x)
+            maps = [f[:n] for f in maps]
             last = maps[-1]
             res = {"pooled": last.float().mean((2, 3))}
             if self.conf["grid"]:
@@ -295,8 +338,8 @@ def prepare_model(module, device: str, compute_dtype: str, channels_last: bool, 
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     if compile_:
-        module = torch.compile(module, dynamic=False)
-    return Prepared(module, dtype, channels_last)
+        return Prepared(torch.compile(module, dynamic=False), dtype, channels_last, True, module)
+    return Prepared(module, dtype, channels_last, False, module)
 
 
 def fold_batchnorm(module):

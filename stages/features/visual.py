@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.hashing import key_of
-from pipeline.runner import RunSummary, run_stage
+from pipeline.runner import RunSummary, plan, run_stage
 from pipeline.store import StageCache, Store, atomic_write_bytes, atomic_write_json
 
 from .image import ImageFeatureStage, image_item
@@ -30,6 +30,7 @@ from .image import ImageFeatureStage, image_item
 log = logging.getLogger("camim")
 
 STREAM_VERSION = "1"
+PAIRS = {"img_vec": "has_img", "obj_vec": "obj_mask", "trans_vec": "has_trans", "trans_obj_vec": "trans_obj_mask"}
 
 
 def image_stage(settings: Settings) -> ImageFeatureStage:
@@ -54,16 +55,13 @@ class ImageFeatures:
 def run_image_features(settings: Settings, items: list[dict]) -> ImageFeatures:
     stage = image_stage(settings)
     store = Store(settings.cache_dir)
-    cache = store.stage(stage.name, stage.key)
-    done = cache.done_keys()
-    seen, todo = set(), []
-    for it in items:
-        if it["item_key"] not in done and it["item_key"] not in seen:
-            seen.add(it["item_key"])
-            todo.append(it)
-    stage.pending = todo  # the DataLoader decodes exactly these, in the runner's order
+    engine = getattr(settings, "engine", "local")
+    if engine == "local":
+        # the DataLoader decodes exactly the runner's to-do list, in its order, ahead of the model
+        stage.pending = plan(stage, items, store, False)[3]
     bs = settings.batch_size or int(stage.conf["batch_size"])
-    cache, summary = run_stage(stage, items, store, batch_size=bs, desc="image features", unit="img")
+    cache, summary = run_stage(stage, items, store, batch_size=bs, desc="image features", unit="img",
+                               engine=engine, workers=getattr(settings, "workers", None))
     return ImageFeatures(cache, summary, stage)
 
 
@@ -100,9 +98,10 @@ def run_visual(settings: Settings, records: list[dict]) -> dict:
 
     conf = ground_conf(settings)
     grounding = None
-    if conf["backend"] == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
+    backend = conf["backend"].split(":", 1)[0]
+    if backend == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
         print("ground: no crop folder (CROP_DIR) or translation images (TRANS_DIR); no object crops")
-    elif conf["backend"] == "detector" and not settings.image_dir:
+    elif backend == "detector" and not settings.image_dir:
         print("ground: the detector needs the dataset images (IMAGE_DIR); no object crops")
     else:
         grounding = run_grounding(settings, records)
@@ -190,7 +189,51 @@ def train_streams(settings: Settings, records: list[dict]):
 
     meta = run_visual(settings, records)  # cached end to end after `make features`
     path = Path(settings.cache_dir) / "image_streams" / meta["key"] / "files" / "streams.safetensors"
-    out = dict(load_file(str(path)))
+    got = dict(load_file(str(path)))
+    out = {}
+    for vec, mask in PAIRS.items():  # a stream no record has is left out, so the run reports it absent
+        if bool(got[mask].any()):
+            out[vec], out[mask] = got[vec], got[mask]
+    if not out:
+        log.warning("image streams: no image, crop or translation feature for any record (see %s)", path.parent)
+        return None
     out["__cache_key__"] = meta["key"]
     return out
 
+
+
+def live_keys(settings: Settings, reached: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Visual cache entries that ``cache gc`` must keep: those the current settings reach
+    (when they name an image source), the ``image_streams`` keys runs recorded (as
+    ``stream:image``), and the grounding and image-feature keys each of those was built from."""
+    from pipeline.errors import PipelineError
+
+    out: set[tuple[str, str]] = set()
+    for stage, key in reached:
+        if stage == "stream:image":
+            out.add(("image_streams", key))
+    if has_images(settings):
+        from stages.data import prepare
+        from stages.ground import ground_conf, make_stage
+
+        fkey = image_stage(settings).key
+        out.add(("image_features", fkey))
+        gkey = "none"
+        conf = ground_conf(settings)
+        try:
+            if conf["crop_dir"] or conf["trans_dir"] or (conf["backend"].startswith("detector") and settings.image_dir):
+                gkey = make_stage(settings)[0].key
+                out.add(("ground", gkey))
+        except PipelineError:
+            pass
+        out.add(("image_streams", streams_key(settings, prepare(settings).records.to_pylist(), gkey, fkey)))
+    for stage, key in list(out):
+        if stage != "image_streams":
+            continue
+        meta = Path(settings.cache_dir) / "image_streams" / key / "files" / "meta.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            out.add(("image_features", m["image_features"]["key"]))
+            if m["ground"]["key"] != "none":
+                out.add(("ground", m["ground"]["key"]))
+    return out

@@ -63,7 +63,7 @@ DEFAULTS = {
 }
 
 
-# environment variables (exported by the Makefile) that fill settings the profile leaves unset,
+# environment variables (exported by the Makefile) that override the profile's [ground],
 # so that `make features` and `make train` see the same grounding as `make ground`
 ENV = {"backend": "GROUND", "crop_dir": "CROP_DIR", "trans_dir": "TRANS_DIR", "crop_index": "CROP_INDEX"}
 
@@ -75,9 +75,10 @@ def ground_conf(settings: Settings, backend: str | None = None) -> dict:
     if unknown:
         raise PipelineError(f"[ground] unknown setting(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
     conf.update(given)
-    for k, env in ENV.items():
-        if k not in given and os.environ.get(env):
+    for k, env in ENV.items():  # run-time choices beat the profile's defaults
+        if os.environ.get(env):
             conf[k] = os.environ[env]
+    conf.update({k: v for k, v in settings.conf.get("ground_cli", {}).items() if v})  # explicit options beat both
     if backend:
         conf["backend"] = backend
     if int(conf["m"]) < 1:
@@ -237,7 +238,11 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
     if trans_dir is not None and not trans_dir.is_dir():
         raise PipelineError(f"translation image folder {trans_dir} does not exist")
     items, keys, trans = [], {}, {}
+    from functools import lru_cache
+
     from pipeline.hashing import sha256_file
+
+    sha256_file = lru_cache(maxsize=None)(sha256_file)  # samples share images
 
     for rec in records:
         for view in VIEWS:
@@ -247,7 +252,7 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
                 p = trans_image_path(trans_dir, rec["split"], rec["img_id"])
                 if p is None:
                     continue
-                tkey = sha256_file(p)
+                tkey = sha256_file(str(p))
                 trans[rec["sample_id"]] = (tkey, str(p))
                 it = {"view": view, "image_key": tkey, "image_path": str(p)}
             else:
@@ -273,7 +278,8 @@ def run_grounding(settings: Settings, records: list[dict], backend_name: str | N
     stage, conf = make_stage(settings, backend_name)
     items, keys, trans = build_items(records, stage.backend, conf, settings)
     bs = settings.batch_size or int(conf["batch_size"])
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}", unit="item")
+    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}", unit="item",
+                               engine=getattr(settings, "engine", "local"), workers=getattr(settings, "workers", None))
     return Grounding(cache, summary, stage, keys, trans)
 
 

@@ -153,7 +153,8 @@ class DetectorGrounding:
             text = " ".join(f"{q.lower()}." for q in queries)
             inputs = self.processor(images=image, text=text, return_tensors="pt")
         else:
-            inputs = self.processor(text=[queries], images=image, return_tensors="pt")
+            n = int(self.model.config.text_config.max_position_embeddings)
+            inputs = self.processor(text=[queries], images=image, return_tensors="pt", padding="max_length", truncation=True, max_length=n)
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
         with torch.inference_mode():
             out = self.model(**inputs)

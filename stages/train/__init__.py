@@ -49,7 +49,7 @@ Three registries are the extension points (``module:attr`` strings, resolved laz
     ============== ============ ==============================================
 
     A ``has_*``/``*_mask`` tensor is required with its stream.  Register with
-    ``STREAMS.add("image", "stages.features.image:train_streams")``.
+    ``STREAMS.add("image", "stages.features.visual:train_streams")``.
 
 The RE batch (built by :mod:`stages.train.data` from the records manifest, the
 captions cache and the ``text_features`` cache; ``B`` samples, ``L``/``Lc`` the
@@ -86,5 +86,6 @@ DATASETS.add("ner", "stages.train.ner:build_ner_data")
 DATASETS.add("umre", "stages.train.umre:build_umre_data")
 
 STREAMS = Registry("feature stream")
+STREAMS.add("image", "stages.features.visual:train_streams")
 
 DEFAULT_METRICS = "stages.train.metrics:re_metrics"

@@ -227,6 +227,8 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
         raise PipelineError(f"task {settings.task}: training needs train and val splits, got {sorted(data.splits)}")
     bs = int(conf["batch_size"])
     epochs = int(conf["epochs"])
+    if epochs < 1 or bs < 1:
+        raise PipelineError(f"train: epochs and batch_size must be at least 1 (got {epochs}, {bs})")
     steps_per_epoch = math.ceil(len(train_rows) / bs)
     opt = torch.optim.AdamW(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), lr=float(conf["lr"]))
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))

