@@ -20,7 +20,7 @@ app.add_typer(cache_app, name="cache")
 
 ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
 CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
-TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | images (a folder of photos: --source <folder>)")
+TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | twitter15 | twitter17 | umre | images (a folder of photos: --source <folder>)")
 SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
 MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
 PromptOpt = typer.Option("camim", "--prompt", envvar="PROMPT", help="prompt template name")
@@ -127,7 +127,7 @@ def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
     _guard(chain.ground, s)
 
 
-HeadOpt = typer.Option(None, "--head", envvar="HEAD", help="head: cam (see stages/train HEADS)")
+HeadOpt = typer.Option(None, "--head", envvar="HEAD", help="head: cam | remote | vecmner (see stages/train HEADS); report: a comma list compares heads")
 OptOpt = typer.Option(None, "--opt", help="head/trainer option KEY=VALUE (repeatable), e.g. --opt lr=3e-4 --opt align=S")
 SeedsOpt = typer.Option(None, "--seeds", envvar="SEEDS", help="comma-separated seeds (default: [train] seeds)")
 
@@ -186,6 +186,11 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
                       image_dir=image_dir)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
+            from stages.report.heads import run_head_comparison
+
+            heads = [h.strip() for h in head.split(",") if h.strip()]
+            return run_head_comparison(s, heads, s.mllms if mllm else None, sd, _train_overrides(None, opt, epochs), name)
         return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs), name)
 
     _guard(go)

@@ -26,6 +26,9 @@ SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 
 TASKS = Registry("task")
 TASKS.add("mnre", "stages.data.mnre:MnreTask")
+TASKS.add("twitter15", "stages.data.twitter:Twitter2015Task")
+TASKS.add("twitter17", "stages.data.twitter:Twitter2017Task")
+TASKS.add("umre", "stages.data.umre:UmreTask")
 TASKS.add("images", "stages.data.images:ImagesTask")
 
 

@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.runner import RunSummary, run_stage
 from pipeline.store import StageCache, Store
 
-from .text import TextFeatureStage, caption_item, sentence_item
+from .text import TextFeatureStage, caption_item, sentence_item, tokens_item
 
 
 @dataclass
@@ -29,7 +29,8 @@ def text_stage(settings: Settings) -> TextFeatureStage:
 
 def run_text_features(settings: Settings, records: list[dict], captions: list) -> TextFeatures:
     stage = text_stage(settings)
-    sents = [sentence_item(r) for r in records]
+    # sequence-labelling records (NER: they carry "tags") get token items, others sentence items
+    sents = [tokens_item(r) if "tags" in r else sentence_item(r) for r in records]
     caps = {}
     for c in captions:
         for text in c.by_item.values():

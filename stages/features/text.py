@@ -9,6 +9,11 @@ Per sentence item (``kind="sentence"``):
     of the first and last piece of each entity).
 Per caption item (``kind="caption"``): ``word`` and ``sent`` the same way, at
 ``caption_max_len``.
+Per token item (``kind="tokens"``, sequence labelling such as NER): the words with no
+entity markers, at ``max_len``; ``word`` and ``sent`` as above, and the row
+``word_first``: for every word, the index of its first word piece in ``word`` (-1 for a
+word cut off by ``max_len``).  A word the tokenizer turns into no piece at all (a lone
+NBSP, a stray control character) is encoded as the unknown token, so every word has one.
 
 Entity markers:
   * ``unused`` (CAMIM): ``[unused0] head [unused1]``, ``[unused2] tail [unused3]``;
@@ -39,6 +44,14 @@ def sentence_item_key(rec: dict) -> str:
 
 def caption_item_key(text: str) -> str:
     return key_of({"k": "caption", "text": text})
+
+
+def tokens_item_key(tokens: list[str]) -> str:
+    return key_of({"k": "tokens", "tokens": list(tokens)})
+
+
+def tokens_item(rec: dict) -> dict:
+    return {"item_key": tokens_item_key(rec["tokens"]), "kind": "tokens", "tokens": list(rec["tokens"])}
 
 
 def sentence_item(rec: dict) -> dict:
@@ -160,6 +173,9 @@ class TextFeatureStage(Stage):
         out: dict[str, ItemResult] = {}
         sents = [it for it in batch if it["kind"] == "sentence"]
         caps = [it for it in batch if it["kind"] == "caption"]
+        toks = [it for it in batch if it["kind"] == "tokens"]
+        if toks:
+            out.update(self._run_tokens(toks, sd))
         if sents:
             marked = [mark_tokens(it["tokens"], it["h"], it["t"], self.conf["markers"]) for it in sents]
             enc, h, sent = self._encode([m[0] for m in marked], None, self.conf["max_len"])
@@ -198,3 +214,26 @@ class TextFeatureStage(Stage):
                     tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
                 )
         return [out[it["item_key"]] for it in batch]
+
+    def _run_tokens(self, items: list[dict], sd) -> dict[str, ItemResult]:
+        words = [list(it["tokens"]) for it in items]
+        flat = [w for ws in words for w in ws]
+        pieces = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        empty = {w for w, p in zip(flat, pieces) if not p}
+        if empty:  # a word with no piece would have no first piece to label
+            words = [[self.tok.unk_token if w in empty else w for w in ws] for ws in words]
+        enc, h, sent = self._encode(words, None, self.conf["max_len"])
+        out = {}
+        for b, it in enumerate(items):
+            n = int(enc["attention_mask"][b].sum())
+            first = [-1] * len(words[b])
+            for p, w in enumerate(enc.word_ids(b)):
+                if w is not None and first[w] < 0:
+                    first[w] = p
+            out[it["item_key"]] = ItemResult(
+                it["item_key"],
+                row={"kind": "tokens", "n_pieces": n, "truncated": bool(first and first[-1] < 0),
+                     "h_start": -1, "h_end": -1, "t_start": -1, "t_end": -1, "word_first": first},
+                tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+            )
+        return out

@@ -77,9 +77,13 @@ from pipeline.stage import Registry
 
 HEADS = Registry("head")
 HEADS.add("cam", "stages.train.cam:CamHead")
+HEADS.add("remote", "stages.train.remote:RemoteHead")
+HEADS.add("vecmner", "stages.train.vecmner:VecMnerHead")
 
 DATASETS = Registry("train dataset")
 DATASETS.add("re", "stages.train.data:build_re_data")
+DATASETS.add("ner", "stages.train.ner:build_ner_data")
+DATASETS.add("umre", "stages.train.umre:build_umre_data")
 
 STREAMS = Registry("feature stream")
 STREAMS.add("image", "stages.features.visual:train_streams")

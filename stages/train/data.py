@@ -68,6 +68,7 @@ class TrainData:
     streams: dict[str, torch.Tensor] = field(default_factory=dict)
     cache_keys: dict[str, str] = field(default_factory=dict)
     modalities: dict[str, object] = field(default_factory=dict)
+    text_levels: int = 1  # encoder levels concatenated in every word-piece vector
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -77,6 +78,8 @@ class TrainData:
     @property
     def dims(self) -> dict[str, int]:
         d = {"sent_word": int(self.sent.flat.shape[-1]), "sent_vec": int(self.sent_vec.shape[-1])}
+        if self.text_levels > 1:
+            d["text_levels"] = self.text_levels
         if bool(self.has_cap.any()):
             d["cap_word"] = int(self.cap.flat.shape[-1])
             d["cap_vec"] = int(self.cap_vec.shape[-1])
@@ -210,4 +213,4 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
         "translation_objects": "trans_obj_vec" in streams,
     }
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
-                     streams, cache_keys, modalities)
+                     streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])))

@@ -103,13 +103,23 @@ def seed_all(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Decay on matrices only.  A head may name parameters that learn faster
+    (``fast_params()`` and ``fast_lr_scale``, e.g. VEC-MNER's CRF and emission layer)."""
+    fast = {id(p) for p in (model.fast_params() if hasattr(model, "fast_params") else [])}
+    scale = float(getattr(model, "fast_lr_scale", 1.0))
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((p.ndim < 2 or name.endswith(".bias"), id(p) in fast), []).append(p)
+    out = []
+    for (nd, f), ps in sorted(groups.items()):
+        g = {"params": ps, "weight_decay": 0.0 if nd else weight_decay}
+        if f and lr is not None:
+            g["lr"] = lr * scale
+        out.append(g)
+    return out
 
 
 def linear_schedule(opt, total: int, warmup_frac: float):
@@ -220,7 +230,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     if epochs < 1 or bs < 1:
         raise PipelineError(f"train: epochs and batch_size must be at least 1 (got {epochs}, {bs})")
     steps_per_epoch = math.ceil(len(train_rows) / bs)
-    opt = torch.optim.AdamW(param_groups(model, float(conf["weight_decay"])), lr=float(conf["lr"]))
+    opt = torch.optim.AdamW(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), lr=float(conf["lr"]))
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,8 +279,9 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
         pred_rows["sample_id"] += [data.records[i]["sample_id"] for i in idx]
         pred_rows["gold"] += gold
         pred_rows["pred"] += preds
-        pred_rows["gold_label"] += [data.labels[g] for g in gold]
-        pred_rows["pred_label"] += [data.labels[p] for p in preds]
+        name = getattr(data, "label_text", None) or data.labels.__getitem__  # NER: tag sequences
+        pred_rows["gold_label"] += [name(g) for g in gold]
+        pred_rows["pred_label"] += [name(p) for p in preds]
     wall = time.perf_counter() - t0
     metrics_doc = {
         "run_id": run_id,
