@@ -107,31 +107,42 @@ def parse_mnre_line(line: str, rel2id: dict[str, int]) -> dict:
     }
 
 
-def read_mnre(path: Path, split: str, rel2id: dict[str, int], on_error: str = "stop") -> ReadResult:
-    """One MNRE split. ``idx`` is the 0-based line number (the key of TMR/HVPNeT side files)."""
-    path = Path(path)
-    out = ReadResult()
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file; a missing or undecodable file is one clear error."""
     try:
-        fh = open(path, encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
-    with fh:
-        idx = 0
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = parse_mnre_line(line, rel2id)
-            except ValueError as exc:
-                if on_error == "stop":
-                    raise InputError(f"{path}:{lineno}", str(exc)) from None
-                out.skipped.append({"file": str(path), "line": lineno, "error": str(exc)})
-                idx += 1
-                continue
+    except UnicodeDecodeError as exc:
+        raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_sample_lines(path: Path, split: str, parse, on_error: str = "stop") -> ReadResult:
+    """One sample per non-empty line, parsed by ``parse(line) -> row`` (raising
+    ValueError on a bad line). ``idx`` is the 0-based sample position, counting
+    skipped lines too, so it stays the key of line-indexed side files (TMR/HVPNeT)."""
+    path = Path(path)
+    out = ReadResult()
+    idx = 0
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse(line)
+        except ValueError as exc:
+            if on_error == "stop":
+                raise InputError(f"{path}:{lineno}", str(exc)) from None
+            out.skipped.append({"file": str(path), "line": lineno, "error": str(exc)})
+        else:
             row.update(split=split, idx=idx, line=lineno, sample_id=f"{split}-{idx:05d}")
             out.rows.append(row)
-            idx += 1
+        idx += 1
     return out
+
+
+def read_mnre(path: Path, split: str, rel2id: dict[str, int], on_error: str = "stop") -> ReadResult:
+    """One MNRE split. ``idx`` is the 0-based line number (the key of TMR/HVPNeT side files)."""
+    return read_sample_lines(path, split, lambda line: parse_mnre_line(line, rel2id), on_error)
 
 
 def read_captions(path: Path, on_error: str = "stop") -> ReadResult:
@@ -144,12 +155,7 @@ def read_captions(path: Path, on_error: str = "stop") -> ReadResult:
     (as in CAMIM's loader).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path)
     out = ReadResult()
     stripped = text.lstrip()
     if stripped.startswith("{") and (path.suffix == ".json" or stripped.startswith('{"') or "\n" not in stripped.strip()):

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import InputError, PipelineError
 
-from .readers import ReadResult, check_image_name
+from .readers import ReadResult, check_image_name, read_text
 
 FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 TYPES = ("PER", "LOC", "ORG", "MISC")
@@ -48,12 +48,7 @@ def read_conll(path: Path, split: str, on_error: str = "stop") -> ReadResult:
     0-based position in the file."""
     path = Path(path)
     out = ReadResult()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path)
 
     def fail(lineno: int, what: str, start: int) -> None:
         if on_error == "stop":

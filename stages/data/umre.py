@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import InputError, PipelineError
 
-from .readers import ReadResult, _check_span, _parse_literal, check_image_name, read_rel2id
+from .readers import ReadResult, _check_span, _parse_literal, check_image_name, read_rel2id, read_sample_lines
 
 SPLITS = ("train", "val", "test")
 SAMPLE = REPO_ROOT / "data" / "sample" / "umre"
@@ -112,28 +112,7 @@ def parse_umre_line(line: str, rel2id: dict[str, int], boxes: dict) -> dict:
 
 
 def read_umre(path: Path, split: str, rel2id: dict[str, int], boxes: dict, on_error: str = "stop") -> ReadResult:
-    path = Path(path)
-    out = ReadResult()
-    try:
-        fh = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    with fh:
-        idx = 0
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = parse_umre_line(line, rel2id, boxes)
-            except ValueError as exc:
-                if on_error == "stop":
-                    raise InputError(f"{path}:{lineno}", str(exc)) from None
-                out.skipped.append({"file": str(path), "line": lineno, "error": str(exc)})
-            else:
-                row.update(split=split, idx=idx, line=lineno, sample_id=f"{split}-{idx:05d}")
-                out.rows.append(row)
-            idx += 1
-    return out
+    return read_sample_lines(path, split, lambda line: parse_umre_line(line, rel2id, boxes), on_error)
 
 
 class UmreTask:
