@@ -19,7 +19,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the cache.
 app.add_typer(cache_app, name="cache")
 
 ProfileOpt = typer.Option("offline", "--profile", envvar="PROFILE", help="offline | paper | path to a .toml")
-CacheOpt = typer.Option(str(REPO_ROOT / "cache"), "--cache-dir", envvar="CACHE_DIR", help="cache store root")
+CacheOpt = typer.Option(None, "--cache-dir", envvar="CACHE_DIR", help="cache store root")
 TaskOpt = typer.Option("mnre", "--task", envvar="TASK", help="dataset: mnre | twitter15 | twitter17 | umre | images (a folder of photos: --source <folder>)")
 SourceOpt = typer.Option(None, "--source", envvar="MNRE_SOURCE", help="dataset folder, or 'download' (default: bundled sample)")
 MllmOpt = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption backend(s), comma-separated, e.g. imported:qwen,none")
@@ -30,11 +30,17 @@ DeviceOpt = typer.Option("auto", "--device", envvar="DEVICE", help="auto | cpu |
 ImagesOpt = typer.Option(None, "--image-dir", envvar="IMAGE_DIR", help="folder of the dataset's images")
 EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
 WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
+RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ of the checkout)")
+ReportsOpt = typer.Option(None, "--reports-dir", envvar="REPORTS_DIR", help="folder of reports (default: reports/ of the checkout)")
 
 
 def _settings(**kw) -> Settings:
     kw = {k: v for k, v in kw.items() if v is not None}
-    return Settings(**kw)
+    try:
+        return Settings(**kw)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _guard(fn, *args, **kwargs):
@@ -86,11 +92,13 @@ def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
 
 
 @app.command()
-def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt):
+def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
+         runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt):
     """The whole chain on the bundled real MNRE sample; prints this and the previous run's time."""
     from stages import chain
 
-    s = _settings(profile=profile, cache_dir=cache_dir, batch_size=batch_size, device=device)
+    s = _settings(profile=profile, cache_dir=cache_dir, batch_size=batch_size, device=device, runs_dir=runs_dir,
+                  reports_dir=reports_dir)
     s.source = None
     os.environ.pop("MNRE_SOURCE", None)
     took = _guard(chain.demo, s)
@@ -150,13 +158,14 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           epochs: Optional[int] = typer.Option(None, "--epochs"), opt: Optional[list[str]] = OptOpt,
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
-          device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
+          device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
+          runs_dir: Optional[str] = RunsOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
-                      image_dir=image_dir)
+                      image_dir=image_dir, runs_dir=runs_dir)
         over = _train_overrides(head, opt, epochs)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
         return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
@@ -165,12 +174,12 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
 
 
 @app.command(name="eval")
-def eval_(run: str = typer.Option(..., "--run", envvar="RUN", help="run id under runs/ or a run folder"),
-          profile: str = ProfileOpt, cache_dir: str = CacheOpt, device: str = DeviceOpt):
+def eval_(run: str = typer.Option(..., "--run", envvar="RUN", help="run id under the runs folder, or a run folder"),
+          profile: str = ProfileOpt, cache_dir: str = CacheOpt, device: str = DeviceOpt, runs_dir: Optional[str] = RunsOpt):
     """Re-score a trained checkpoint on val and test (writes metrics-eval.json beside it)."""
     from stages.train.trainer import eval_run
 
-    _guard(lambda: eval_run(_settings(profile=profile, cache_dir=cache_dir, device=device), run))
+    _guard(lambda: eval_run(_settings(profile=profile, cache_dir=cache_dir, device=device, runs_dir=runs_dir), run))
 
 
 @app.command()
@@ -178,13 +187,14 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to compare (default: none + every shipped source)"),
            seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
-           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
+           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
+           runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
-                      image_dir=image_dir)
+                      image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
         if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
             from stages.report.heads import run_head_comparison
@@ -215,10 +225,12 @@ def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to 
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: str = CacheOpt):
+def cache_ls(cache_dir: Optional[str] = CacheOpt):
     """Stages, keys, sizes and row counts in the store."""
+    from .config import default_cache_dir
     from .store import Store
 
+    cache_dir = cache_dir or str(default_cache_dir())
     rows = Store(cache_dir).describe()
     if not rows:
         typer.echo(f"{cache_dir}: empty")
@@ -234,12 +246,17 @@ def cache_ls(cache_dir: str = CacheOpt):
 @cache_app.command("gc")
 def cache_gc(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to keep (default: every shipped one)"),
+             runs_dir: Optional[str] = RunsOpt,
+             keep_runs: Optional[list[str]] = typer.Option(None, "--keep-runs", help="another runs folder whose recorded cache keys are kept too (repeatable)"),
              yes: bool = typer.Option(False, "--yes", help="delete (default: only list what would go)")):
-    """Remove cache entries that no current config reaches (and orphaned temp files)."""
+    """Remove cache entries that no current config reaches (and orphaned temp files).
+
+    Kept: what the current settings reach, plus every cache key recorded by a run in the
+    runs folder in effect (--runs-dir / RUNS_DIR) and in each --keep-runs folder."""
     from stages import gc
 
-    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None)
-    _guard(gc.collect, s, bool(mllm), yes)
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, runs_dir=runs_dir)
+    _guard(gc.collect, s, bool(mllm), yes, [Path(p) for p in keep_runs or []])
 
 
 def _human(n: int) -> str:

@@ -37,10 +37,31 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _env_path(names: tuple[str, ...], default: Path) -> Path:
+    """The first of the environment variables ``names`` that is set, else ``default``."""
+    for n in names:
+        if os.environ.get(n):
+            return Path(os.environ[n])
+    return default
+
+
+def default_cache_dir() -> Path:
+    return _env_path(("CACHE_DIR",), REPO_ROOT / "cache")
+
+
+def default_runs_dir() -> Path:
+    # CAMIM_RUNS_DIR / CAMIM_REPORTS_DIR: older names, still read
+    return _env_path(("RUNS_DIR", "CAMIM_RUNS_DIR"), REPO_ROOT / "runs")
+
+
+def default_reports_dir() -> Path:
+    return _env_path(("REPORTS_DIR", "CAMIM_REPORTS_DIR"), REPO_ROOT / "reports")
+
+
 @dataclass
 class Settings:
     profile: str = "offline"
-    cache_dir: Path = field(default_factory=lambda: REPO_ROOT / "cache")
+    cache_dir: Path = field(default_factory=default_cache_dir)
     task: str = "mnre"
     source: str | None = None
     mllm: str = "imported:qwen"
@@ -53,9 +74,16 @@ class Settings:
     engine: str = "local"
     workers: int | None = None
     conf: dict = field(default_factory=dict)
+    runs_dir: Path = field(default_factory=default_runs_dir)
+    reports_dir: Path = field(default_factory=default_reports_dir)
 
     def __post_init__(self):
         self.cache_dir = Path(self.cache_dir)
+        self.runs_dir = Path(self.runs_dir)
+        self.reports_dir = Path(self.reports_dir)
+        if self.run and ("/" in self.run or "\\" in self.run or self.run in (".", "..")):
+            raise PipelineError(f"--run {self.run!r} is a run id, not a path: name the folder with --runs-dir "
+                                f"(RUNS_DIR) and the run inside it with --run")
         if self.on_error not in ("stop", "skip"):
             raise PipelineError(f"--on-error must be stop or skip, not {self.on_error!r}")
         if not self.conf:
@@ -67,11 +95,3 @@ class Settings:
 
     def section(self, name: str) -> dict:
         return dict(self.conf.get(name, {}))
-
-    @property
-    def runs_dir(self) -> Path:
-        return Path(os.environ.get("CAMIM_RUNS_DIR", REPO_ROOT / "runs"))
-
-    @property
-    def reports_dir(self) -> Path:
-        return Path(os.environ.get("CAMIM_REPORTS_DIR", REPO_ROOT / "reports"))

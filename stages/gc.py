@@ -2,19 +2,23 @@
 
 Reached: the data key of the current task and source, the captions key of every
 caption source named (default: ``none`` plus every shipped one), the text-feature
-key of the current profile, and every cache key recorded by a run under ``runs/``.
+key of the current profile, and every cache key recorded by a run in the runs folder
+in effect (``--runs-dir`` / ``RUNS_DIR``, default ``runs/``) or in a ``--keep-runs`` folder.
+Runs kept anywhere else are not seen: name their folder with ``--keep-runs``.
 Orphaned temporary files of killed runs are removed too.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.store import Store
 
 
-def live_keys(settings: Settings, explicit_mllm: bool) -> set[tuple[str, str]]:
+def live_keys(settings: Settings, explicit_mllm: bool, extra_runs: list[Path] | tuple = ()) -> set[tuple[str, str]]:
     from stages.captions import CaptionStage, make_captioner
     from stages.chain import shipped_sources
     from stages.data import prepare
@@ -24,7 +28,7 @@ def live_keys(settings: Settings, explicit_mllm: bool) -> set[tuple[str, str]]:
     for mllm in settings.mllms if explicit_mllm else shipped_sources(settings):
         keys.add(("captions", CaptionStage(make_captioner(mllm, settings)).key))
     keys.add(("text_features", text_stage(settings).key))
-    for cfg in settings.runs_dir.glob("*/config.json"):
+    for cfg in [c for d in (settings.runs_dir, *extra_runs) for c in Path(d).glob("*/config.json")]:
         try:
             recorded = json.loads(cfg.read_text()).get("cache_keys", {})
         except (OSError, json.JSONDecodeError):
@@ -51,9 +55,12 @@ def _flatten(recorded: dict):
                     yield stage, v
 
 
-def collect(settings: Settings, explicit_mllm: bool, yes: bool) -> int:
+def collect(settings: Settings, explicit_mllm: bool, yes: bool, extra_runs: list[Path] | tuple = ()) -> int:
     store = Store(settings.cache_dir)
-    live = live_keys(settings, explicit_mllm)
+    for d in extra_runs:
+        if not Path(d).is_dir():
+            raise PipelineError(f"--keep-runs {d}: no such folder")
+    live = live_keys(settings, explicit_mllm, extra_runs)
     freed = 0
     for sc in store.entries():
         orphans = sc.orphans()

@@ -146,3 +146,52 @@ def test_cache_ls_and_gc_cli(tmp_path, small_source):
     assert "removed captions/" in gc.stdout and "imported:blip2" in gc.stdout
     ls2 = subprocess.run(cli + ["cache", "ls", "--cache-dir", env_cache], capture_output=True, text=True, check=True)
     assert "imported:blip2" not in ls2.stdout and "imported:qwen" in ls2.stdout and "text_features" in ls2.stdout
+
+
+def _fake_run(runs_dir, run_id, stage, key):
+    import json
+
+    d = runs_dir / run_id
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"cache_keys": {stage: key}}))
+
+
+def test_gc_keeps_runs_of_the_runs_folder_in_effect_and_of_keep_runs(tmp_path, small_source):
+    """gc reads one runs folder (--runs-dir / RUNS_DIR) plus each --keep-runs folder, nothing else."""
+    from stages.gc import collect, live_keys
+
+    _, caps, _ = _run(tmp_path, small_source, "imported:qwen,imported:blip2")
+    blip_key = caps[1].cache.key
+    runs, other = tmp_path / "runs", tmp_path / "elsewhere"
+    _fake_run(other, "r1", "captions", blip_key)
+    s = Settings(cache_dir=tmp_path / "cache", source=str(small_source), mllm="imported:qwen", runs_dir=runs)
+    assert ("captions", blip_key) not in live_keys(s, True)
+    assert ("captions", blip_key) in live_keys(s, True, [other])
+    s_other = Settings(cache_dir=tmp_path / "cache", source=str(small_source), mllm="imported:qwen", runs_dir=other)
+    assert ("captions", blip_key) in live_keys(s_other, True)
+    collect(s, True, yes=True, extra_runs=[other])
+    assert (tmp_path / "cache" / "captions" / blip_key).is_dir()
+    with pytest.raises(Exception, match="no such folder"):
+        collect(s, True, yes=False, extra_runs=[tmp_path / "nope"])
+
+
+def test_a_run_id_with_a_path_is_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "is a run id, not a path" in r.output
+
+
+def test_suite_env_is_hermetic(hermetic):
+    """The shell's CLI variables are cleared and the default folders are this test's own."""
+    import os
+
+    from pipeline.config import Settings as S
+    from tests.helpers import cli_env_vars
+
+    assert "MLLM" in cli_env_vars() and "MNRE_SOURCE" in cli_env_vars()
+    assert not any(os.environ.get(v) for v in cli_env_vars() - {"CACHE_DIR", "RUNS_DIR", "REPORTS_DIR"})
+    s = S()
+    assert s.cache_dir == hermetic / "cache" and s.runs_dir == hermetic / "runs" and s.reports_dir == hermetic / "reports"

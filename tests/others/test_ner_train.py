@@ -23,7 +23,7 @@ def test_ner_data_batches_and_trainer_run(tmp_path, monkeypatch):
     from stages.train.ner import build_ner_data
     from stages.train.trainer import train_one
 
-    monkeypatch.setenv("CAMIM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none")
     data = build_ner_data(s, "none")
     assert data.dims == {"sent_word": 384, "text_levels": 1}

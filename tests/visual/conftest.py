@@ -28,8 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 PHOTOS = {"astronaut.jpg": "astronaut.png", "chelsea.jpg": "chelsea.png", "coffee.jpg": "coffee.png",
           "rocket.jpg": "rocket.jpg", "motorcycle_left.jpg": "motorcycle_left.png", "horse.png": "horse.png"}
 SAMPLE = REPO / "data" / "sample" / "mnre"
-for var in ("GROUND", "CROP_DIR", "TRANS_DIR", "CROP_INDEX", "IMAGE_DIR", "MNRE_SOURCE"):
-    os.environ.pop(var, None)
 
 
 def _photos_from_wheel(dest: Path) -> Path:

@@ -98,7 +98,7 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     # the trainer: one epoch on cached features; its metrics file lists the image streams as present
     from stages.train.trainer import train_one
 
-    monkeypatch.setenv("CAMIM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     res = train_one(settings, "none", 1, {"epochs": 1, "hidden": 32, "heads": 2, "batch_size": 4}, data=data, quiet=True)
     metrics = json.loads((res.dir / "metrics.json").read_text())
     m = metrics["modalities"]
@@ -118,7 +118,7 @@ def test_make_train_sees_the_image_streams(visual_source, tiny_source, tmp_path,
     """`camim train` with the same IMAGE_DIR / CROP_DIR / TRANS_DIR as `camim features`."""
     monkeypatch.setenv("CROP_DIR", str(visual_source["crops"] / "val" / "crops"))
     monkeypatch.setenv("TRANS_DIR", str(visual_source["trans"]))
-    monkeypatch.setenv("CAMIM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     args = ["--cache-dir", str(tmp_path / "cache"), "--source", str(tiny_source), "--image-dir", str(visual_source["images"]), "--mllm", "none"]
     res = CliRunner().invoke(app, ["train", *args, "--epochs", "1", "--opt", "hidden=32", "--opt", "heads=2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
