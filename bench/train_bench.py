@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from bench._common import cpu_name, roofline
+
 
 def _timed_steps(fn, n: int) -> list[float]:
     fn()  # warm-up
@@ -45,7 +47,13 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     from stages.features import text_stage
     from stages.features.text import mark_tokens
     from stages.train import HEADS
-    from stages.train.trainer import amp_dtype, param_groups, pick_device, train_one, train_options
+    from stages.train.trainer import (
+        amp_dtype,
+        param_groups,
+        pick_device,
+        train_one,
+        train_options,
+    )
 
     mllm = os.environ.get("BENCH_MLLM", "imported:qwen")
     epochs = int(os.environ.get("BENCH_EPOCHS", "8"))
@@ -61,15 +69,20 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     n_train = len(data.splits["train"])
     print(f"train bench: {len(data.records)} records ({n_train} train) of {settings.source or 'the bundled sample'}, "
           f"caption source {mllm}; features gathered from the cache in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
+    roof = roofline(3)
+    print(f"cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}; roofline measured now (torch.mm n=2048, "
+          f"{torch.get_num_threads()} threads): fp32 {roof['fp32']:.0f} GFLOP/s, bf16 {roof['bf16']:.0f} GFLOP/s")
 
     # 1. the real trainer, `epochs` epochs, into a throw-away runs folder
+    from dataclasses import replace
+
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["CAMIM_RUNS_DIR"] = tmp
-        try:
-            res = train_one(settings, mllm, int(conf["seeds"][0]), {"epochs": epochs}, data=data, run_id="bench", force=True, quiet=True)
-        finally:
-            os.environ.pop("CAMIM_RUNS_DIR", None)
+        res = train_one(replace(settings, runs_dir=tmp), mllm, int(conf["seeds"][0]), {"epochs": epochs}, data=data,
+                        run_id="bench", force=True, quiet=True)
     m = res.metrics
+    top = data.dims.get("top_layers", 0)
+    print(f"head: {conf['head']}, tuned top layers {top}" + (f" (joint={conf.get('joint', True)}, top_lr={conf.get('top_lr', 5e-5)})" if top else " (frozen text)")
+          + f"; cpu: {cpu_name()}")
     print(f"head training: {m['train_samples_per_s']:.0f} samples/s ({m['amp']} on {m['device']}); "
           f"{epochs} epochs wall {m['wall_s']:.1f}s incl. per-epoch validation "
           f"(test F1 {m['test']['f1'] * 100:.2f})")
@@ -78,13 +91,16 @@ def main(settings=None, argv: list[str] | None = None) -> int:
         print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s incl. validation "
               f"({8 * n_train / m['train_samples_per_s']:.0f}s of it training)")
 
-    # 2. one head step vs one end-to-end step (encoder fwd+bwd + head) on the same batch
+    # 2. one head step vs one end-to-end step (every encoder layer fwd+bwd + head) on the same batch
     device = pick_device(settings.device)
     amp = amp_dtype(str(conf["amp"]), device)
     bs = int(conf["batch_size"])
     rows = data.splits["train"][:bs]
-    head = HEADS.get(conf["head"])(data.dims, len(data.labels), {k: v for k, v in conf.items()}).to(device)
-    opt = torch.optim.AdamW(param_groups(head, 0.01), lr=1e-4)
+    head = HEADS.get(conf["head"])(data.dims, len(data.labels), {k: v for k, v in conf.items()})
+    if hasattr(head, "load_pretrained") and data.pretrained:
+        head.load_pretrained(data.pretrained)
+    head = head.to(device)
+    opt = torch.optim.AdamW(param_groups(head, 0.01, 1e-3), lr=1e-3)
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
     def head_step():
@@ -102,14 +118,32 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     words = [mark_tokens(r["tokens"], (r["h_start"], r["h_end"]), (r["t_start"], r["t_end"]), stage.conf["markers"])[0] for r in recs]
     tok = stage.tok(words, is_split_into_words=True, truncation=True, max_length=stage.conf["max_len"], padding=True, return_tensors="pt")
     tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    cap_tok = None
+    if "cap_word" in batch:  # the captions go through the encoder too
+        from stages import chain
+
+        _, caps = chain.captions(settings, [mllm])
+        texts = [caps[0].for_record(r) or "" for r in recs]
+        cap_tok = stage.tok(texts, truncation=True, max_length=stage.conf["caption_max_len"], padding=True, return_tensors="pt")
+        cap_tok = {k: v.to(device) for k, v in cap_tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    # with a tuned top the encoder's output is the cut level (its layers below the cut), the head runs the rest
+    level = -1 - int(top)
+
+    def states(t):
+        out = enc(**t, output_hidden_states=True)
+        return out.hidden_states[level] if top else out.last_hidden_state
+
+    def put(b, name, h):
+        n = min(h.shape[1], b[name].shape[1])
+        b[name] = torch.zeros_like(b[name], dtype=h.dtype)
+        b[name][:, :n] = h[:, :n, : b[name].shape[-1]]
 
     def e2e_step():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            h = enc(**tok).last_hidden_state
             b = dict(batch)
-            n = min(h.shape[1], b["sent_word"].shape[1])
-            b["sent_word"] = torch.zeros_like(b["sent_word"], dtype=h.dtype)
-            b["sent_word"][:, :n] = h[:, :n, : b["sent_word"].shape[-1]]
+            put(b, "sent_word", states(tok))
+            if cap_tok is not None:
+                put(b, "cap_word", states(cap_tok))
             loss = head(b)["loss"]
         enc_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,7 +151,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
 
     th = statistics.median(_timed_steps(head_step, steps))
     te = statistics.median(_timed_steps(e2e_step, max(3, steps // 2)))
-    print(f"one step, batch {bs}: head only {th * 1000:.1f} ms, end-to-end with {stage.conf['model']} fwd+bwd {te * 1000:.1f} ms "
-          f"-> head step = {th / te:.3f} of an end-to-end step ({te / th:.1f}x faster)")
+    what = f"tuned-top step ({top} layers)" if top else "head step"
+    print(f"one step, batch {bs}: {what} {th * 1000:.1f} ms, end-to-end with every layer of {stage.conf['model']} fwd+bwd "
+          f"{te * 1000:.1f} ms -> {what} = {th / te:.3f} of an end-to-end step ({te / th:.1f}x cheaper)")
     print("note: measured on a shared CPU while other jobs ran; absolute numbers are noisy, the ratio less so")
     return 0

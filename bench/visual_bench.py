@@ -30,31 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "fixtures" / "photos"
 
 
+from bench._common import _best, cpu_name, roofline  # noqa: E402
+
+
 def photo_files() -> list[Path]:
     return sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up (oneDNN primitive creation, allocator)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def roofline(repeats: int) -> dict:
-    import torch
-
-    out = {}
-    n = 2048
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n).to(dt)
-        b = torch.randn(n, n).to(dt)
-        s = _best(lambda: torch.mm(a, b), repeats + 2)
-        out[name] = 2 * n**3 / s / 1e9
-    return out
 
 
 def resnet_variants(batch: int, repeats: int, with_compile: bool) -> list[dict]:
@@ -204,7 +184,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    print(f"visual bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+    print(f"visual bench on {cpu_name()}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load:.2f} at start, batch {args.batch}")
     roof1 = roofline(repeats)
     print(f"roofline (torch.mm n=2048): fp32 {roof1['fp32']:.0f} GFLOP/s, bf16 {roof1['bf16']:.0f} GFLOP/s")

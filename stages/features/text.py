@@ -106,7 +106,12 @@ class TextFeatureStage(Stage):
             "markers": conf.get("markers", "punct"),
             "layers": [int(x) for x in conf.get("layers", [-1])],
             "store_dtype": conf.get("store_dtype", "float16"),
+            "cut": int(conf.get("cut", 0) or 0),
         }
+        if self.conf["cut"] < 0:
+            raise PipelineError(f"text.cut must be 0 (frozen) or the number of top layers to tune, not {self.conf['cut']}")
+        if self.conf["cut"] and self.conf["layers"] != [-1]:
+            raise PipelineError("text.cut > 0 caches the states at the cut: set text.layers = [-1] with it")
         if self.conf["markers"] not in MARKERS:
             raise PipelineError(f"text.markers must be one of {', '.join(MARKERS)}, not {self.conf['markers']!r}")
         self.ref = encoders.resolve(self.conf["model"], self.conf["revision"])
@@ -120,6 +125,8 @@ class TextFeatureStage(Stage):
         c["model"] = self.ref.identity
         c.pop("revision")
         c["compute_dtype"] = self.compute_dtype
+        if not c["cut"]:  # cut 0 is the frozen behaviour: the key stays what it was before cuts existed
+            c.pop("cut")
         return c
 
     def label(self) -> str:
@@ -146,6 +153,44 @@ class TextFeatureStage(Stage):
         self.model = model
         self.hidden = model.config.hidden_size
         self._torch = torch
+        cut = self.conf["cut"]
+        if cut and cut > int(model.config.num_hidden_layers):
+            raise PipelineError(f"text.cut = {cut}, but {self.conf['model']} has {model.config.num_hidden_layers} layers")
+
+    def top_layers(self) -> tuple[dict, dict]:
+        """The pretrained weights of the last ``cut`` layers, named ``<i>.<BERT name>``, and their shape."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if layers is None or not hasattr(layers[0], "attention"):
+            raise PipelineError(f"text.cut needs a BERT-family encoder (encoder.layer[i].attention); "
+                                f"{self.conf['model']} is {type(self.model).__name__}")
+        cut, cfg = self.conf["cut"], self.model.config
+        state = {f"{i}.{k}": v.detach().float().cpu().contiguous()
+                 for i, layer in enumerate(layers[len(layers) - cut:]) for k, v in layer.state_dict().items()}
+        act = getattr(cfg, "hidden_act", "gelu")
+        if act != "gelu":
+            raise PipelineError(f"text.cut: the tuned layers use gelu, {self.conf['model']} uses {act}")
+        meta = {"layers": cut, "first_layer": len(layers) - cut, "heads": cfg.num_attention_heads, "ffn": cfg.intermediate_size,
+                "eps": float(cfg.layer_norm_eps), "hidden": cfg.hidden_size, "act": act, "model": self.ref.identity}
+        return meta, state
+
+    def write_top_layers(self, files_dir) -> None:
+        """Store the top layers once per key (``files/top_layers.*``), so training reads only the cache."""
+        import json as _json
+
+        from safetensors.torch import save_file
+
+        from pipeline.store import atomic_write_bytes
+
+        if not self.conf["cut"] or (files_dir / "top_layers.safetensors").exists():
+            return
+        if self.model is None:
+            self.setup()
+        meta, state = self.top_layers()
+        files_dir.mkdir(parents=True, exist_ok=True)
+        tmp = files_dir / ".top_layers.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(files_dir / "top_layers.safetensors")
+        atomic_write_bytes(files_dir / "top_layers.json", _json.dumps(meta, indent=2).encode())
 
     def teardown(self) -> None:
         self.model = None
@@ -157,15 +202,19 @@ class TextFeatureStage(Stage):
         else:
             enc = self.tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        cut = self.conf["cut"]
         with torch.inference_mode():
-            out = self.model(**inputs, output_hidden_states=len(self.conf["layers"]) > 1 or self.conf["layers"] != [-1])
-            if self.conf["layers"] == [-1]:
+            out = self.model(**inputs, output_hidden_states=bool(cut) or len(self.conf["layers"]) > 1 or self.conf["layers"] != [-1])
+            if cut:  # the states that enter the last `cut` layers (hidden_states[0] is the embeddings)
+                h = out.hidden_states[len(out.hidden_states) - 1 - cut]
+            elif self.conf["layers"] == [-1]:
                 h = out.last_hidden_state
             else:
                 h = torch.cat([out.hidden_states[i] for i in self.conf["layers"]], dim=-1)
             h = h.float()
             mask = inputs["attention_mask"].unsqueeze(-1).float()
-            sent = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+            last = out.last_hidden_state.float() if cut else h  # the sentence vector stays the last layer's mean
+            sent = (last * mask).sum(1) / mask.sum(1).clamp(min=1)
         return enc, h.cpu(), sent.cpu()
 
     def run(self, batch: list[dict]) -> list[ItemResult]:

@@ -92,9 +92,7 @@ def records_fingerprint(records: list[dict]) -> str:
 
 def run_visual(settings: Settings, records: list[dict]) -> dict:
     """Ground, encode and assemble the image streams; returns a summary dict."""
-    from stages.ground import run_grounding, summary_lines
-
-    from stages.ground import ground_conf
+    from stages.ground import ground_conf, run_grounding, summary_lines
 
     conf = ground_conf(settings)
     grounding = None

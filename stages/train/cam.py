@@ -22,7 +22,16 @@ Loss = CE + alpha · InfoNCE over the pair chosen by ``mi``.
 Every modality may be absent: a missing image/object/translation stream drops its
 tokens; a missing caption masks all of C_W.  Attention always has a learned
 "null" key, so a query whose keys are all masked attends to it instead of
-producing NaN.  Options (``[train]``): ``hidden`` (256), ``heads`` (4),
+producing NaN.
+
+Tuned top (``text.cut = k`` > 0 in the profile, see :mod:`stages.train.tuned_top`): the
+cached states are those entering the encoder's last ``k`` layers; copies of those
+pretrained layers read the sentence and its caption jointly (``joint``, default true),
+learn at ``top_lr`` (5e-5), and T_W / C_W / the sentence vectors are taken from their
+output; the classifier reads the tuned entity-marker states directly.  ``tune_top =
+false`` uses the cut-level states frozen.
+
+Options (``[train]``): ``hidden`` (256), ``heads`` (4),
 ``text_layers`` (1), ``dropout`` (0.1), ``cls_dropout`` (0.5), ``align``
 (``W&S`` | ``W`` | ``S``), ``mi`` (``O&G`` | ``(O+G)&F`` | ``T&F`` | ``(O+G)&T`` |
 ``off``), ``alpha`` (0.1), ``tau`` (1.0, InfoNCE temperature).
@@ -130,8 +139,26 @@ class CamHead(nn.Module):
         self.fusion = Attention(d, heads, p)
         self.final = mlp(2 * d, d, 2 * d, p)
         self.drop = nn.Dropout(float(o.get("cls_dropout", 0.5)))
-        self.cls = nn.Linear(5 * d, n_labels)
+        # tuned top (text.cut = k > 0 and tune_top): copies of the encoder's last k layers read the
+        # sentence and the caption jointly; the classifier then sees their entity-marker states as is
+        self.top = None
+        if "top_layers" in dims and bool(o.get("tune_top", True)):
+            from .tuned_top import TunedTop
+
+            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)))
+            self.top_lr = float(o.get("top_lr", 5e-5))
+        ent_w = 4 * dt if self.top is not None else 4 * d
+        self.cls = nn.Linear(ent_w + d, n_labels)
         self.d = d
+
+    def load_pretrained(self, pretrained: dict) -> None:
+        """Start the tuned top from the cached pretrained layers (the trainer calls this once)."""
+        if self.top is not None:
+            self.top.load_cached(pretrained["text_top"][1])
+
+    def lr_scales(self, lr: float) -> list[tuple[list, float]]:
+        """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
+        return [(list(self.top.parameters()), self.top_lr / lr)] if self.top is not None else []
 
     # -- streams --------------------------------------------------------------
     def _visual_tokens(self, batch, vec: str, has: str, objs: str, obj_mask: str):
@@ -171,14 +198,22 @@ class CamHead(nn.Module):
     def encode(self, batch: dict) -> dict:
         sw, sm = batch["sent_word"], batch["sent_mask"]
         b, device = sw.shape[0], sw.device
+        has_cap = self.has_cap_stream and "cap_word" in batch
+        cw, cvec = (batch["cap_word"], batch["cap_vec"]) if has_cap else (None, None)
+        svec = batch["sent_vec"]
+        if self.top is not None:  # cut-level states through the tuned layers; vectors from their output
+            sw, cw = self.top(sw, sm, cw, batch["cap_mask"] if has_cap else None)
+            svec = masked_mean(sw, sm)
+            if has_cap:
+                cvec = masked_mean(cw, batch["cap_mask"])
         t = self.text_in(sw)
         if self.text_enc is not None:
             t = self.text_enc(t, src_key_padding_mask=~sm)
         dtype = t.dtype
-        t_s = self.sent_in(batch["sent_vec"])
-        if self.has_cap_stream and "cap_word" in batch:
-            c_w, c_m = self.cap_in(batch["cap_word"]), batch["cap_mask"]
-            c_s = self.capv_in(batch["cap_vec"]) * batch["has_cap"].unsqueeze(-1).to(dtype)
+        t_s = self.sent_in(svec)
+        if has_cap:
+            c_w, c_m = self.cap_in(cw), batch["cap_mask"]
+            c_s = self.capv_in(cvec) * batch["has_cap"].unsqueeze(-1).to(dtype)
         else:
             c_w = torch.zeros(b, 1, self.d, dtype=dtype, device=device)
             c_m = torch.zeros(b, 1, dtype=torch.bool, device=device)
@@ -191,7 +226,8 @@ class CamHead(nn.Module):
         g_final = self._stream(g_s, g_sm, t, sm, t, sm)
         f_final = self.final(torch.cat([o_final, g_final], -1))
         ar = torch.arange(b, device=device)
-        ent = torch.cat([t[ar, batch["h_idx"]], t[ar, batch["h_end"]], t[ar, batch["t_idx"]], t[ar, batch["t_end"]]], -1)
+        e = sw if self.top is not None else t
+        ent = torch.cat([e[ar, batch["h_idx"]], e[ar, batch["h_end"]], e[ar, batch["t_idx"]], e[ar, batch["t_end"]]], -1)
         return {"O": o_final, "G": g_final, "F": f_final, "T": masked_mean(t, sm), "rep": torch.cat([ent, f_final], -1)}
 
     def forward(self, batch: dict) -> dict:

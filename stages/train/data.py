@@ -69,6 +69,8 @@ class TrainData:
     cache_keys: dict[str, str] = field(default_factory=dict)
     modalities: dict[str, object] = field(default_factory=dict)
     text_levels: int = 1  # encoder levels concatenated in every word-piece vector
+    # pretrained weights a head may start from, read from the cache: {"text_top": (meta, state)}
+    pretrained: dict = field(default_factory=dict)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -80,6 +82,10 @@ class TrainData:
         d = {"sent_word": int(self.sent.flat.shape[-1]), "sent_vec": int(self.sent_vec.shape[-1])}
         if self.text_levels > 1:
             d["text_levels"] = self.text_levels
+        if "text_top" in self.pretrained:
+            from .tuned_top import top_dims
+
+            d.update(top_dims(self.pretrained["text_top"][0]))
         if bool(self.has_cap.any()):
             d["cap_word"] = int(self.cap.flat.shape[-1])
             d["cap_vec"] = int(self.cap_vec.shape[-1])
@@ -212,5 +218,11 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
         "translation_image": "trans_vec" in streams,
         "translation_objects": "trans_obj_vec" in streams,
     }
+    from .tuned_top import load_top
+
+    top = load_top(cache.files_dir)
+    if feats.stage.conf["cut"] and top is None:
+        raise PipelineError(f"text.cut = {feats.stage.conf['cut']} but {cache.files_dir} has no top_layers; re-run features")
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
-                     streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])))
+                     streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
+                     {"text_top": top} if top else {})

@@ -137,10 +137,15 @@ class NerData:
     text_levels: int = 1
     cache_keys: dict = field(default_factory=dict)
     modalities: dict = field(default_factory=dict)
+    pretrained: dict = field(default_factory=dict)  # {"text_top": (meta, state)} with text.cut > 0
 
     @property
     def dims(self) -> dict[str, int]:
         d = {"sent_word": int(self.sent.flat.shape[-1]), "text_levels": self.text_levels}
+        if "text_top" in self.pretrained:
+            from .tuned_top import top_dims
+
+            d.update(top_dims(self.pretrained["text_top"][0]))
         if self.cap is not None:
             d["cap_word"] = int(self.cap.flat.shape[-1])
         return d
@@ -228,7 +233,13 @@ def build_ner_data(settings, mllm: str) -> NerData:
     levels = len(settings.section("text").get("layers", [-1]))
     modalities = {"text": True, "caption": mllm if cap is not None else None,
                   "caption_coverage": sum(bool(t) for t in texts) / max(1, len(texts)), "image": False}
+    from .tuned_top import load_top
+
+    top = load_top(cache.files_dir)
+    if feats.stage.conf["cut"] and top is None:
+        raise PipelineError(f"text.cut = {feats.stage.conf['cut']} but {cache.files_dir} has no top_layers; re-run features")
     return NerData(settings.task, list(task.labels(settings)), records,
                    {k: torch.tensor(v, dtype=torch.int64) for k, v in splits.items()},
                    sent, first, tags, shape, cap, levels,
-                   {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key}, modalities)
+                   {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key}, modalities,
+                   {"text_top": top} if top else {})

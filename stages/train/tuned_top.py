@@ -1,0 +1,143 @@
+"""Tuned top layers over cached states (``text.cut = k``).
+
+The text-features stage caches, for every sentence and caption, the hidden states
+that ENTER the encoder's last ``k`` layers, and once per encoder key the pretrained
+weights of those ``k`` layers (``files/top_layers.safetensors`` + ``.json``).  A head
+builds :class:`TunedTop` from them: a copy of the pretrained layers, trained with
+its own learning rate (``top_lr``).  Running ``k`` layers forward and backward costs
+about ``k / n_layers`` of fine-tuning the whole encoder, and nothing below the cut
+is ever recomputed.
+
+Joint reading (``joint = true``): the sentence and its caption are read together,
+``[sentence pieces ; caption pieces]`` with a learned segment embedding added to the
+caption's states, under one padding mask, so every sentence piece attends to the
+caption (and back) in every tuned layer.  ``joint = false`` runs the two through the
+same layers separately.
+
+The layer is BERT's post-LayerNorm block, written out here so that it loads the
+cached weights by name without any ``transformers`` code:
+``x = LN(x + O(SelfAttn(x)))``, ``x = LN(x + W2 gelu(W1 x))``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+# cached name (relative to one BERT layer) -> our name
+BERT_NAMES = {
+    "attention.self.query": "q",
+    "attention.self.key": "k",
+    "attention.self.value": "v",
+    "attention.output.dense": "o",
+    "attention.output.LayerNorm": "ln1",
+    "intermediate.dense": "fc1",
+    "output.dense": "fc2",
+    "output.LayerNorm": "ln2",
+}
+
+
+class BertBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int, eps: float, dropout: float):
+        super().__init__()
+        if d % heads:
+            raise PipelineError(f"tuned top: hidden {d} is not a multiple of {heads} heads")
+        self.h = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1 = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+        self.ln2 = nn.LayerNorm(d, eps=eps)
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``x``: the real pieces only, flat ``[T, d]``; ``idx``: their places in the padded
+        ``[B·N]`` grid of ``mask`` (``[B, N]``).  Every linear layer runs on real pieces alone:
+        padding costs nothing but inside the attention product."""
+        b, n = mask.shape
+        d = x.shape[-1]
+
+        def grid(t):  # flat real pieces -> [B, heads, N, d/heads], zeros at padding
+            g = t.new_zeros(b * n, d).index_copy(0, idx, t)
+            return g.view(b, n, self.h, d // self.h).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(grid(self.q(x)), grid(self.k(x)), grid(self.v(x)),
+                                             attn_mask=mask[:, None, None, :], dropout_p=self.p if self.training else 0.0)
+        att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
+        x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
+        y = self.fc2(F.gelu(self.fc1(x)))
+        return self.ln2(x + F.dropout(y, self.p, self.training))
+
+
+class TunedTop(nn.Module):
+    """``k`` pretrained layers over cut-level states; see the module doc."""
+
+    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1):
+        super().__init__()
+        d = int(dims["sent_word"])
+        self.n = int(dims["top_layers"])
+        self.layers = nn.ModuleList(BertBlock(d, int(dims["top_heads"]), int(dims["top_ffn"]), float(dims["top_eps"]), dropout)
+                                    for _ in range(self.n))
+        self.joint = joint
+        self.segment = nn.Parameter(torch.zeros(d))  # added to caption states in joint reading
+
+    def load_cached(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy the cached pretrained weights (``"<i>.<bert name>.weight"``) into the layers."""
+        own = {}
+        for name, t in state.items():
+            i, rest = name.split(".", 1)
+            mod, _, kind = rest.rpartition(".")
+            if mod not in BERT_NAMES:
+                continue
+            own[f"layers.{i}.{BERT_NAMES[mod]}.{kind}"] = t
+        missing = [k for k in self.state_dict() if k.startswith("layers.") and k not in own]
+        if missing:
+            raise PipelineError(f"cached top layers lack {len(missing)} weight(s), e.g. {missing[0]}; re-run features")
+        self.load_state_dict(own, strict=False)
+
+    def run(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        flat = x.reshape(b * n, d).index_select(0, idx)
+        for layer in self.layers:
+            flat = layer(flat, mask, idx)
+        return flat.new_zeros(b * n, d).index_copy(0, idx, flat).view(b, n, d)
+
+    def forward(self, s: torch.Tensor, s_mask: torch.Tensor, c: torch.Tensor | None, c_mask: torch.Tensor | None):
+        """Sentence states ``[B, L, D]`` (and caption ``[B, Lc, D]``) → the same shapes after the tuned layers."""
+        if c is None:
+            return self.run(s, s_mask), None
+        if self.joint:
+            n = s.shape[1]
+            x = torch.cat([s, c + self.segment.to(c.dtype)], 1)
+            m = torch.cat([s_mask, c_mask], 1)
+            y = self.run(x, m)
+            return y[:, :n], y[:, n:]
+        # separately; an all-masked caption row would give NaN attention: let it see itself
+        safe = c_mask.clone()
+        safe[:, 0] |= ~c_mask.any(1)
+        return self.run(s, s_mask), self.run(c, safe)
+
+
+def top_dims(meta: dict) -> dict:
+    return {"top_layers": int(meta["layers"]), "top_heads": int(meta["heads"]), "top_ffn": int(meta["ffn"]),
+            "top_eps": float(meta["eps"])}
+
+
+def load_top(files_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The cached top layers of one text-features key, or None when the key has none."""
+    from safetensors.torch import load_file
+
+    meta_path, w_path = files_dir / "top_layers.json", files_dir / "top_layers.safetensors"
+    if not meta_path.exists() or not w_path.exists():
+        return None
+    try:
+        return json.loads(meta_path.read_text()), load_file(str(w_path))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{w_path}: cannot read the cached top layers ({exc}); delete it and re-run features") from None

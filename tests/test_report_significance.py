@@ -1,0 +1,57 @@
+"""The report's paired bootstrap: counts agree with the metrics, noise is not called a gain, a real gain is."""
+
+import numpy as np
+
+from stages.report.significance import (
+    f1_of,
+    ner_item_counts,
+    paired_bootstrap,
+    re_item_counts,
+)
+from stages.train.metrics import re_metrics
+from stages.train.ner import ner_metrics
+
+LABELS = ["None", "/per/per/peer", "/org/org/subsidiary", "/loc/loc/contain"]
+
+
+def _preds(rng, gold, acc):
+    wrong = rng.integers(0, len(LABELS), size=len(gold))
+    return np.where(rng.random(len(gold)) < acc, gold, wrong)
+
+
+def test_item_counts_give_the_metrics_micro_f1():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 4, 300)
+    pred = _preds(rng, gold, 0.6)
+    c = re_item_counts(gold.tolist(), pred.tolist(), LABELS)
+    assert np.isclose(f1_of(c.sum(0)), re_metrics(gold.tolist(), pred.tolist(), LABELS)["f1"])
+
+
+def test_ner_item_counts_give_the_entity_f1():
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    gold = [[1, 2, 0, 3], [0, 0, 3, 4], [1, 0, 0, 0]]
+    pred = [[1, 2, 0, 0], [0, 3, 4, 4], [1, 0, 3, 0]]
+    c = ner_item_counts(gold, pred, labels)
+    assert np.isclose(f1_of(c.sum(0)), ner_metrics(gold, pred, labels)["f1"])
+
+
+def test_identical_systems_are_not_significant():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 4, 400)
+    seeds = np.stack([re_item_counts(gold, _preds(rng, gold, 0.6), LABELS) for _ in range(3)])
+    r = paired_bootstrap(seeds, seeds.copy(), n_boot=500)
+    assert r["delta_f1"] == 0.0 and not r["significant"] and r["p_value"] > 0.5
+    assert r["ci_low"] <= 0.0 <= r["ci_high"]
+
+
+def test_seed_noise_is_not_a_gain_and_a_real_gain_is():
+    rng = np.random.default_rng(2)
+    gold = rng.integers(0, 4, 600)
+    base = np.stack([re_item_counts(gold, _preds(rng, gold, 0.55), LABELS) for _ in range(3)])
+    same = np.stack([re_item_counts(gold, _preds(rng, gold, 0.55), LABELS) for _ in range(3)])
+    better = np.stack([re_item_counts(gold, _preds(rng, gold, 0.75), LABELS) for _ in range(3)])
+    noise = paired_bootstrap(base, same, n_boot=1000)
+    gain = paired_bootstrap(base, better, n_boot=1000)
+    assert not noise["significant"] and noise["ci_low"] < 0 < noise["ci_high"]
+    assert gain["significant"] and gain["ci_low"] > 0 and gain["p_value"] < 0.01
+    assert gain["delta_f1"] > 0.1

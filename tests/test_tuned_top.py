@@ -1,0 +1,120 @@
+"""Tuned top layers over cached cut-level states (text.cut = k)."""
+
+import pytest
+import torch
+
+from pipeline.config import Settings, load_profile, merge
+from tests.helpers import save_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny_bert3(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert3"), layers=3)
+
+
+def _settings(tmp_path, source, model, cut, train=None):
+    conf = merge(load_profile("offline"), {"text": {"model": str(model), "cut": cut, "compute_dtype": "fp32"},
+                                           "train": {"epochs": 2, "hidden": 16, "heads": 2, "lr": 3e-3, **(train or {})}})
+    return Settings(cache_dir=tmp_path / "cache", source=str(source), conf=conf, mllm="imported:qwen")
+
+
+def test_cut_zero_keeps_the_old_key_and_a_cut_changes_it(tiny_bert3):
+    from stages.features.text import TextFeatureStage
+
+    base = {"model": str(tiny_bert3), "compute_dtype": "fp32"}
+    assert TextFeatureStage(base, "cpu").key == TextFeatureStage({**base, "cut": 0}, "cpu").key
+    assert TextFeatureStage({**base, "cut": 2}, "cpu").key != TextFeatureStage(base, "cpu").key
+    with pytest.raises(Exception, match="layers"):
+        TextFeatureStage({**base, "cut": 1, "layers": [-1, -2]}, "cpu")
+
+
+def test_cached_states_through_the_cached_layers_give_the_encoder_output(tmp_path, small_source, tiny_bert3):
+    """cut-level states (from the cache) + the cached top layers == the frozen encoder's last layer."""
+    from stages import chain
+    from stages.features.text import TextFeatureStage, mark_tokens, sentence_item_key
+    from stages.train.tuned_top import TunedTop, load_top, top_dims
+
+    s = _settings(tmp_path, small_source, tiny_bert3, cut=2)
+    ds, _, feats = chain.features(s)
+    meta, state = load_top(feats.cache.files_dir)
+    assert meta["layers"] == 2 and meta["first_layer"] == 1 and "0.attention.self.query.weight" in state
+    rec = ds.records.to_pylist()[0]
+    cached = feats.cache.tensors([sentence_item_key(rec)], ["word"])["word"][0].float()
+    top = TunedTop({"sent_word": 16, **top_dims(meta)})
+    top.load_cached(state)
+    top.eval()
+    with torch.no_grad():
+        y, _ = top(cached[None], torch.ones(1, cached.shape[0], dtype=torch.bool), None, None)
+    st = TextFeatureStage({"model": str(tiny_bert3), "compute_dtype": "fp32"}, "cpu")
+    st.setup()
+    words, _ = mark_tokens(rec["tokens"], (rec["h_start"], rec["h_end"]), (rec["t_start"], rec["t_end"]), "punct")
+    enc = st.tok([words], is_split_into_words=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        full = st.model(**enc).last_hidden_state[0]
+    assert y.shape[1] == full.shape[0]
+    assert torch.allclose(y[0], full, atol=2e-2), (y[0] - full).abs().max()
+
+
+def test_joint_reading_lets_the_sentence_read_the_caption():
+    from stages.train.tuned_top import TunedTop
+
+    dims = {"sent_word": 8, "top_layers": 1, "top_heads": 2, "top_ffn": 16, "top_eps": 1e-12}
+    torch.manual_seed(0)
+    s, c = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    sm, cm = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    for joint in (True, False):
+        top = TunedTop(dims, joint=joint).eval()
+        a, _ = top(s, sm, c, cm)
+        b, _ = top(s, sm, c + 1.0, cm)
+        assert (not torch.allclose(a, b)) is joint
+    # a masked-out caption changes nothing in joint reading
+    top = TunedTop(dims, joint=True).eval()
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    a, _ = top(s, sm, c, none)
+    b, _ = top(s, sm, c * 5, none)
+    assert torch.allclose(a, b)
+
+
+def test_train_with_the_tuned_top_reads_only_the_cache(tmp_path, small_source, tiny_bert3, monkeypatch):
+    import transformers
+
+    from stages import chain
+    from stages.train.trainer import load_data, param_groups, train_one
+
+    s = _settings(tmp_path, small_source, tiny_bert3, cut=2, train={"top_lr": 1e-4})
+    chain.features(s)
+
+    def boom(*a, **k):
+        raise AssertionError("the train stage must never load an encoder")
+
+    for name in ("AutoModel", "AutoTokenizer", "BertModel"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", boom)
+    data = load_data(s, "imported:qwen", "cam")
+    assert data.dims["top_layers"] == 2 and "cap_word" in data.dims
+    res = train_one(s, "imported:qwen", 1, data=data, quiet=True)
+    assert res.config["dims"]["top_layers"] == 2 and 0.0 <= res.metrics["test"]["f1"] <= 1.0
+    # the tuned layers started from the cached weights and then moved, at their own learning rate
+    from safetensors.torch import load_file
+
+    from stages.train.cam import CamHead
+
+    trained = load_file(str(res.dir / "model.safetensors"))
+    cached = data.pretrained["text_top"][1]
+    assert not torch.equal(trained["top.layers.0.q.weight"], cached["0.attention.self.query.weight"])
+    head = CamHead(data.dims, len(data.labels), {"hidden": 16, "heads": 2, "top_lr": 1e-4})
+    lrs = sorted({g.get("lr", 3e-3) for g in param_groups(head, 0.01, 3e-3)})
+    assert lrs == [1e-4, 3e-3]
+
+
+def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
+    from stages.train.ner import build_ner_data
+    from stages.train.trainer import train_one
+    from tests.others.test_ner_train import small_twitter
+
+    conf = merge(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
+                                           "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})
+    s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none", conf=conf)
+    data = build_ner_data(s, "none")
+    assert data.dims["top_layers"] == 1 and data.dims["text_levels"] == 1
+    res = train_one(s, "none", 1, {"head": "vecmner"}, data=data, quiet=True)
+    assert res.config["dims"]["top_layers"] == 1 and 0.0 <= res.metrics["test"]["f1"] <= 1.0
