@@ -51,6 +51,10 @@ def _guard(fn, *args, **kwargs):
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # disk full, permissions, a vanished file: one line naming the path
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc} (everything committed before is intact)", err=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished parts are kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
@@ -241,6 +245,34 @@ def cache_ls(cache_dir: Optional[str] = CacheOpt):
         total += r["bytes"]
         typer.echo(f"{r['stage']:<16} {r['key']:<16} {r['rows']:>8} {r['parts']:>6} {_human(r['bytes']):>10}  {r['what']}")
     typer.echo(f"total {_human(total)} in {cache_dir}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Optional[str] = CacheOpt,
+                 fix: bool = typer.Option(False, "--fix", help="move damaged parts to quarantine now (readers do it on first use anyway)")):
+    """Check every part: readable index, tensor file present, checksum as recorded. Exit 1 if damage is found."""
+    from .config import default_cache_dir
+    from .store import Store
+
+    def go():
+        store = Store(cache_dir or default_cache_dir())
+        n, bad = 0, 0
+        for sc in store.entries():
+            for part in sc.part_paths():
+                n += 1
+                _, why = sc.check_part(part, force=True)
+                if why:
+                    bad += 1
+                    typer.echo(f"damaged {sc.stage}/{sc.key}/{part.stem}: {why}")
+                    if fix:
+                        sc.quarantine(part, why)
+            for q in sc.quarantined():
+                typer.echo(f"quarantined {sc.stage}/{sc.key}/{q['part']}: {q['why']} (its items are recomputed by the next run)")
+        typer.echo(f"verify: {n} part(s) checked, {bad} damaged" + (" (moved to quarantine)" if fix and bad else ""))
+        return bad
+
+    if _guard(go):
+        raise typer.Exit(1)
 
 
 @cache_app.command("gc")

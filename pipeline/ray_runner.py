@@ -67,11 +67,19 @@ def run_stage_ray(
         import ray.data
     except ImportError:
         raise PipelineError("engine ray needs Ray Data: pip install 'ray[data]' (make install does)") from None
+    with store.stage(stage.name, stage.key).lock():  # the driver holds the key; its actors write the parts
+        return _run_ray(ray, stage, items, store, batch_size, retry_failed, desc, unit, workers)
+
+
+def _run_ray(ray, stage: Stage, items: list[dict], store: Store, batch_size: int, retry_failed: bool, desc: str | None,
+             unit: str, workers: int | None) -> tuple[StageCache, RunSummary]:
     cache, uniq, inputs_key, todo = plan(stage, items, store, retry_failed)
     summary = RunSummary(stage.name, stage.key, total=len(uniq), cached=len(uniq) - len(todo))
     summary.extra["engine"] = "ray"
     t0 = time.perf_counter()
     if todo:
+        import ray.data
+
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         ctx = ray.data.DataContext.get_current()

@@ -153,6 +153,12 @@ def run_stage(
         return run_stage_ray(stage, items, store, batch_size, retry_failed, desc, unit, workers)
     if engine != "local":
         raise PipelineError(f"unknown engine {engine!r} (local or ray)")
+    with store.stage(stage.name, stage.key).lock():
+        return _run_local(stage, items, store, batch_size, retry_failed, desc, unit)
+
+
+def _run_local(stage: Stage, items: list[dict], store: Store, batch_size: int, retry_failed: bool, desc: str | None,
+               unit: str) -> tuple[StageCache, RunSummary]:
     cache, uniq, inputs_key, todo = plan(stage, items, store, retry_failed)
     summary = RunSummary(stage.name, stage.key, total=len(uniq), cached=len(uniq) - len(todo))
     t0 = time.perf_counter()

@@ -10,6 +10,12 @@ Layout under the store root (``cache/`` by default)::
 
 A part is committed when its Parquet file exists: tensors are written first, the
 Parquet index second, each to a temporary name and then ``os.replace``-d into place.
+Every index row records the sha256 of its part's tensor file (``tensor_sha256``).
+Readers verify each part once per process: a part whose Parquet cannot be read, whose
+tensor file is missing, or whose checksum differs is moved to ``<key>/quarantine/``
+with the reason, the user is told, and its items are simply absent, so the next run
+of the stage recomputes them.  A tensor with NaN or Inf is never committed: its item
+is recorded as failed, naming the tensor.
 A run killed at any instant therefore leaves either a complete part or an orphan
 temporary/tensor file that readers ignore and ``gc`` removes.  Items are keyed by
 content (``item_key``); a resumed run skips every item already present in a part.
@@ -22,9 +28,12 @@ No pickle anywhere: Parquet for tables, safetensors for tensors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,17 +42,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import PipelineError
-from .hashing import canonical_json
+from .hashing import canonical_json, sha256_file
+
+log = logging.getLogger("camim")
+#: key folders whose lock this process holds
+_HELD: set[str] = set()
+#: parts verified in this process: (path, size, mtime_ns)
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+class WriteError(PipelineError):
+    """A write failed (disk full, read-only, permissions): what is committed stays intact."""
+
+
+def _write_failed(path: Path, exc: BaseException, tmp: Path | None = None) -> WriteError:
+    if tmp is not None:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return WriteError(f"cannot write {path}: {why} (everything committed before is intact; free space and run again to resume)")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(path, exc, tmp) from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -51,12 +83,29 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _write_failed(path, exc, tmp) from None
+
+
+def non_finite(results: list["ItemResult"]) -> None:
+    """Turn an item whose float tensor holds NaN/Inf into a recorded failure naming the tensor."""
+    import torch
+
+    for r in results:
+        if r.error is not None:
+            continue
+        for name, t in r.tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                r.error = f"NonFinite: tensor {name!r} of item {r.item_key} holds NaN or Inf; not cached"
+                r.tensors = {}
+                break
 
 
 def dir_size(path: Path) -> int:
@@ -89,6 +138,46 @@ class StageCache:
         self.parts_dir = self.dir / "parts"
         self.files_dir = self.dir / "files"
         self._index: pa.Table | None = None
+
+    # -- one run at a time per key -----------------------------------------
+    @contextmanager
+    def lock(self):
+        """Hold the key's lock (``<key>/.lock``, an exclusive ``flock``) while a run plans and
+        writes.  A second run on the same key waits, then finds the first one's items
+        committed and computes only what is left: two runs never compute an item twice.
+        ``flock`` is honoured across hosts on NFSv4 and most cluster file systems, so Ray
+        drivers on shared storage exclude each other too.  Re-entrant within a process."""
+        import fcntl
+        import socket
+
+        if str(self.dir) in _HELD:
+            yield
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / ".lock", "a+")
+        except OSError as exc:
+            raise _write_failed(self.dir / ".lock", exc) from None
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                who = f.read().strip() or "another process"
+                msg = f"{self.stage}/{self.key}: {who} is running this stage; waiting for it, then computing only what it left"
+                log.warning(msg)
+                print(msg, file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            _HELD.add(str(self.dir))
+            yield
+        finally:
+            _HELD.discard(str(self.dir))
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
     # -- spec and markers -------------------------------------------------
     def write_spec(self, spec: dict) -> None:
@@ -129,7 +218,11 @@ class StageCache:
         from safetensors.torch import save_file
 
         ragged = set(ragged)
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        non_finite(results)
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_failed(self.parts_dir, exc) from None
         seq = len(self.part_paths())
         stem = f"part-{seq:06d}-{secrets.token_hex(3)}"
         ok = [r for r in results if r.error is None]
@@ -147,11 +240,21 @@ class StageCache:
                 tensors[f"{name}.offsets"] = offsets
             else:
                 tensors[name] = torch.stack([v.contiguous() for v in vals], 0).contiguous()
+        digest = None
         if tensors:
             tmp = self.parts_dir / f".{stem}.safetensors.tmp-{secrets.token_hex(4)}"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.parts_dir / f"{stem}.safetensors")
-        rows: dict[str, list] = {"item_key": [], "ok": [], "error": [], "tensor_row": []}
+            final = self.parts_dir / f"{stem}.safetensors"
+            try:
+                save_file(tensors, str(tmp))
+                digest = sha256_file(tmp)
+                os.replace(tmp, final)
+            except Exception as exc:  # noqa: BLE001 - safetensors wraps ENOSPC in its own error type
+                if isinstance(exc, OSError) or "No space" in str(exc) or "os error" in str(exc).lower():
+                    raise _write_failed(final, exc, tmp) from None
+                raise
+            st = final.stat()
+            _VERIFIED.add((str(final), st.st_size, st.st_mtime_ns))
+        rows: dict[str, list] = {"item_key": [], "ok": [], "error": [], "tensor_row": [], "tensor_sha256": []}
         row_names = sorted({n for r in results for n in r.row})
         for n in row_names:
             rows[n] = []
@@ -161,6 +264,7 @@ class StageCache:
             rows["ok"].append(r.error is None)
             rows["error"].append(r.error)
             rows["tensor_row"].append(t_row if r.error is None else -1)
+            rows["tensor_sha256"].append(digest)
             if r.error is None:
                 t_row += 1
             for n in row_names:
@@ -177,7 +281,10 @@ class StageCache:
             return self._index
         tables = []
         for path in self.part_paths():
-            t = pq.read_table(path)
+            t, why = self.check_part(path)
+            if why:
+                self.quarantine(path, why)
+                continue
             t = t.append_column("part", pa.array([path.stem] * t.num_rows, pa.string()))
             tables.append(t)
         if not tables:
@@ -195,6 +302,50 @@ class StageCache:
             table = table.take(pa.array(sorted(first.values()), pa.int64()))
         self._index = table
         return table
+
+    def check_part(self, path: Path, force: bool = False) -> tuple[pa.Table | None, str | None]:
+        """Read one part's index and verify its tensor file (once per process unless ``force``).
+        Returns the table, or the reason the part is damaged."""
+        try:
+            t = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            return None, f"its Parquet index cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        # a part written with tensors records their checksum (parts from before checksums: nothing to verify)
+        sums = [x for x in t.column("tensor_sha256").to_pylist() if x] if "tensor_sha256" in t.column_names else []
+        if not sums:
+            return t, None
+        tpath = path.with_suffix(".safetensors")
+        if not tpath.exists():
+            return None, f"its tensor file {tpath.name} is missing"
+        st = tpath.stat()
+        mark = (str(tpath), st.st_size, st.st_mtime_ns)
+        if not force and mark in _VERIFIED:
+            return t, None
+        if sha256_file(tpath) != sums[0]:
+            return None, f"its tensor file {tpath.name} does not match the checksum recorded at write time"
+        _VERIFIED.add(mark)
+        return t, None
+
+    def quarantine(self, path: Path, why: str) -> Path:
+        """Move a damaged part (index and tensors) out of the way; its items get recomputed."""
+        qdir = self.dir / "quarantine"
+        qdir.mkdir(parents=True, exist_ok=True)
+        for p in (path, path.with_suffix(".safetensors")):
+            if p.exists():
+                os.replace(p, qdir / p.name)
+        atomic_write_json(qdir / f"{path.stem}.why.json", {"part": path.stem, "why": why})
+        msg = (f"cache: damaged part {path}: {why}; moved to {qdir}, its items will be recomputed by the next run "
+               f"of the {self.stage} stage")
+        log.warning(msg)
+        print(msg, file=sys.stderr, flush=True)
+        self._index = None
+        return qdir
+
+    def quarantined(self) -> list[dict]:
+        qdir = self.dir / "quarantine"
+        if not qdir.exists():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(qdir.glob("*.why.json"))]
 
     def done_keys(self, include_failed: bool = True) -> set[str]:
         idx = self.index()
@@ -230,7 +381,12 @@ class StageCache:
             wanted.setdefault(r["part"], []).append((i, r["tensor_row"]))
         for part, pairs in wanted.items():
             path = self.parts_dir / f"{part}.safetensors"
-            with safe_open(str(path), framework="pt") as f:
+            try:
+                f_ctx = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+                raise PipelineError(f"{path}: cannot read the cached tensors ({exc}); run `camim cache verify`, "
+                                    f"then the same command again to recompute them") from None
+            with f_ctx as f:
                 available = set(f.keys())
                 for n in names:
                     if f"{n}.offsets" in available:
@@ -247,12 +403,14 @@ class StageCache:
         return out
 
     def orphans(self) -> list[Path]:
-        """Temporary files and tensor files without a committed index."""
+        """Temporary files, tensor files without a committed index, and quarantined parts."""
         if not self.parts_dir.exists():
             return []
         committed = {p.stem for p in self.part_paths()}
         out = [p for p in self.parts_dir.iterdir() if p.name.startswith(".")]
         out += [p for p in self.parts_dir.glob("part-*.safetensors") if p.stem not in committed]
+        qdir = self.dir / "quarantine"  # damaged parts, already replaced by recomputed ones
+        out += sorted(qdir.iterdir()) if qdir.exists() else []
         return out
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from tests.helpers import REPO, cli_env_vars
 
-
 # the shell's values never reach a test ...
 for _var in cli_env_vars():
     os.environ.pop(_var, None)

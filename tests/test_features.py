@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from pipeline.config import Settings
-from stages.features.text import TextFeatureStage, caption_item, mark_tokens, sentence_item
+from stages.features.text import (
+    TextFeatureStage,
+    caption_item,
+    mark_tokens,
+    sentence_item,
+)
 
 
 def rec(tokens, h, t):

@@ -31,7 +31,8 @@ BROKEN = [
     ("['not', 'a', 'dict']", "expected a dict"),
     (GOOD.replace("'relation': '/per/loc/place_of_residence'", "'relation': '/per/per/bestie'"), "unknown relation"),
     (GOOD.replace("'pos': [3, 4]", "'pos': [3, 9]"), "outside the sentence"),
-    (GOOD.replace("'pos': [3, 4]", "'pos': [4, 3]"), "outside the sentence"),
+    (GOOD.replace("'pos': [3, 4]", "'pos': [4, 3]"), "is reversed: the start must come before the end"),
+    (GOOD.replace("'pos': [3, 4]", "'pos': [3, 3]"), "is an empty span"),
     (GOOD.replace("'name': 'LA'", "'name': 'NYC'"), "does not match"),
     (GOOD.replace("'a.jpg'", "'../../etc/passwd'"), "leaves the image folder"),
     (GOOD.replace("'a.jpg'", "'/etc/passwd'"), "absolute path"),
@@ -93,3 +94,35 @@ def test_caption_formats(tmp_path, sample_dir):
                                      ("/abs.jpg", False), ("C:\\x.jpg", False), ("", False), (3, False)])
 def test_image_name_confinement(name, ok):
     assert (check_image_name(name) is None) == ok
+
+
+def test_a_line_with_bad_bytes_names_its_line_and_can_be_skipped(tmp_path, rel2id):
+    f = tmp_path / "bytes.txt"
+    f.write_bytes((GOOD + "\n").encode() + b"{'token': ['caf\xe9']}\n" + (GOOD + "\n").encode())
+    with pytest.raises(InputError) as err:
+        read_mnre(f, "train", rel2id)
+    assert err.value.where == f"{f}:2" and "not UTF-8" in err.value.what and "column" in err.value.what
+    res = read_mnre(f, "train", rel2id, on_error="skip")
+    assert [r["line"] for r in res.rows] == [1, 3] and res.skipped[0]["line"] == 2
+
+
+def test_a_bom_is_accepted(tmp_path, rel2id):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n" + GOOD + "\n").encode())
+    assert len(read_mnre(f, "train", rel2id).rows) == 2
+    caps = tmp_path / "caps.txt"
+    caps.write_bytes(b"\xef\xbb\xbf{'img_id': 'a.jpg', 'text': 'a man'}\r\n{'img_id': 'b.jpg', 'text': 'a dog'}\r\n")
+    assert [r["caption"] for r in read_captions(caps).rows] == ["a man", "a dog"]
+    js = tmp_path / "caps.json"
+    js.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a.jpg": "a man"}).encode())
+    assert read_captions(js).rows[0]["caption"] == "a man"
+
+
+def test_caption_lines_with_bad_bytes_are_per_line(tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_bytes(b"{'img_id': 'a.jpg', 'text': 'a man'}\n{'img_id': 'b.jpg', 'text': 'caf\xe9'}\n")
+    with pytest.raises(InputError) as err:
+        read_captions(caps)
+    assert err.value.where == f"{caps}:2"
+    res = read_captions(caps, on_error="skip")
+    assert [r["img_id"] for r in res.rows] == ["a.jpg"] and res.skipped[0]["line"] == 2

@@ -31,7 +31,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
 
 from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
@@ -193,6 +198,35 @@ class RateLimiter:
         self._t_tokens = now
 
 
+def counting_session_class():
+    import requests
+
+    class CountingSession(requests.Session):
+        """Counts every HTTP request sent, per thread and per attempt.  The DashScope SDK resends
+        once by itself when a pooled connection drops; that resend goes through here too, so it is
+        counted as an attempt and waits for the rate limiter like any other request."""
+
+        def __init__(self, limiter=None):
+            super().__init__()
+            self._local = threading.local()
+            self.limiter = limiter
+
+        def begin(self) -> None:
+            self._local.sends = 0
+
+        def sends(self) -> int:
+            return getattr(self._local, "sends", 0)
+
+        def send(self, request, **kwargs):
+            n = self.sends()
+            if n >= 1 and self.limiter is not None:  # a resend inside one attempt
+                self.limiter.acquire(0)
+            self._local.sends = n + 1
+            return super().send(request, **kwargs)
+
+    return CountingSession
+
+
 def image_data_url(path: str | None) -> str:
     """Read an image, check it decodes, and return it as a base64 data URL.
 
@@ -290,7 +324,7 @@ class ApiCaptioner(PromptedCaptioner):
     def setup(self) -> None:
         self.check_key()
         self._pool = ThreadPoolExecutor(max_workers=int(self.conf["concurrency"]), thread_name_prefix=f"{self.backend}-api")
-        self._session = make_session(int(self.conf["concurrency"]))
+        self._session = make_session(int(self.conf["concurrency"]), self.limiter)
 
     def teardown(self) -> None:
         if self._pool is not None:
@@ -323,15 +357,22 @@ class ApiCaptioner(PromptedCaptioner):
         t0 = time.perf_counter()
         est = int(self.conf["est_tokens"])
 
+        session = getattr(self, "_session", None)
+
         def attempt():
             nonlocal attempts
             attempts += 1
             self.limiter.acquire(est)
+            if session is not None:
+                session.begin()
             try:
                 text, usage = self.request(item, url)
             except Transient:
                 self.limiter.settle(est, 0)
                 raise
+            finally:  # an SDK's own resend (DashScope: once on a dropped connection) is a request too
+                if session is not None:
+                    attempts += max(0, session.sends() - 1)
             self.limiter.settle(est, int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0)))
             return text, usage
 
@@ -353,12 +394,12 @@ class ApiCaptioner(PromptedCaptioner):
         })
 
 
-def make_session(pool_size: int):
-    """A requests session whose connection pool fits ``pool_size`` worker threads."""
-    import requests
+def make_session(pool_size: int, limiter: "RateLimiter | None" = None):
+    """A requests session whose connection pool fits ``pool_size`` worker threads and that
+    counts what it really sends (see :class:`CountingSession`)."""
     from requests.adapters import HTTPAdapter
 
-    s = requests.Session()
+    s = counting_session_class()(limiter)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(10, pool_size), max_retries=0)
     s.mount("http://", adapter)
     s.mount("https://", adapter)

@@ -38,8 +38,11 @@ class ImportedCaptioner(Captioner):
 
     def setup(self) -> None:
         caps: dict[str, str] = {}
+        self.skipped = []
         for f in self.files:
-            for row in read_captions(f, self.settings.on_error).rows:
+            got = read_captions(f, self.settings.on_error)
+            self.skipped += got.skipped
+            for row in got.rows:
                 caps[row["img_id"]] = row["caption"]
                 stem = row["img_id"].rsplit(".", 1)[0]
                 caps.setdefault(stem, row["caption"])  # JSON files key by stem
@@ -53,6 +56,8 @@ class ImportedCaptioner(Captioner):
             cap = self._captions.get(img, self._captions.get(img.rsplit(".", 1)[0]))
             if cap is None:
                 out.append(ItemResult(it["item_key"], row={"img_id": img}, error=f"missing: no caption for {img} in {self.arg}"))
+            elif not cap.strip():
+                out.append(ItemResult(it["item_key"], row={"img_id": img}, error=f"empty caption: the caption of {img} in {self.arg} is empty"))
             else:
                 out.append(ItemResult(it["item_key"], row={"img_id": img, "caption": " ".join(cap.split())}))
         return out

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of, sha256_file, sha256_text
+from pipeline.paths import PathEscape, confine
 from pipeline.stage import Registry
 from pipeline.store import Store, atomic_write_json, atomic_write_table
 
@@ -53,6 +54,7 @@ def image_key(img_id: str, image_dir: Path | None) -> tuple[str, str | None]:
     if image_dir is not None:
         p = Path(image_dir) / img_id
         if p.is_file():
+            confine(p, image_dir, f"image {img_id!r}:")  # a link out of the image folder is refused
             return sha256_file(p), str(p)
     return sha256_text(f"image-name:{img_id}"), None
 
@@ -81,9 +83,17 @@ def prepare(settings: Settings) -> Dataset:
     if path.exists():
         return Dataset(settings.task, key, pq.read_table(path), task.source_dir(settings), path)
     result = task.read(files, settings)
-    rows = result.rows
-    for r in rows:
-        r["image_key"], r["image_path"] = image_key(r["img_id"], image_dir)
+    rows = []
+    for r in result.rows:
+        try:
+            r["image_key"], r["image_path"] = image_key(r["img_id"], image_dir)
+        except PathEscape as exc:
+            where = f"{r.get('file') or settings.task}:{r['line']}" if r.get("line") else f"record {r['sample_id']}"
+            if settings.on_error == "stop":
+                raise PipelineError(f"{where}: {exc} (--on-error skip leaves it out)") from None
+            result.skipped.append({"file": str(r.get("file") or ""), "line": r.get("line") or 0, "error": str(exc)})
+            continue
+        rows.append(r)
     table = pa.Table.from_pylist(rows)
     sc.write_spec({"stage": "data", "version": task.version, "key_config": key_config, "label": settings.task, "rows": len(rows)})
     if result.skipped:

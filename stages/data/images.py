@@ -8,13 +8,17 @@ a sentence (``entity``) refuse with a clear error.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
+from pipeline.paths import PathEscape, confine
 
 from .readers import ReadResult
+
+log = logging.getLogger("camim")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -41,8 +45,18 @@ class ImagesTask:
 
     def source_files(self, settings: Settings) -> dict[str, Path]:
         root = self.source_dir(settings)
-        files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+        files = {}
+        for p in sorted(root.rglob("*")):
+            if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")):
+                continue
+            try:  # a link that leads out of the folder is never read (nor sent to an API)
+                confine(p, root, "image")
+            except PathEscape as exc:
+                if settings.on_error != "skip":
+                    raise PipelineError(f"{exc} (remove the link, or --on-error skip to leave it out)") from None
+                log.warning("images: %s; left out", exc)
+                continue
+            files[str(p.relative_to(root))] = p
         if not files:
             raise PipelineError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         return files

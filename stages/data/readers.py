@@ -37,9 +37,7 @@ def check_image_name(name: object) -> str | None:
 
 def read_rel2id(path: Path) -> dict[str, int]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}", f"not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict) or not data:
@@ -68,8 +66,12 @@ def _check_span(obj: dict, role: str, tokens: list[str]) -> tuple[str, int, int]
     if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(isinstance(p, int) and not isinstance(p, bool) for p in pos)):
         raise ValueError(f"'{role}.pos' must be [start, end] integers")
     s, e = pos
-    if not (0 <= s < e <= len(tokens)):
-        raise ValueError(f"'{role}.pos' [{s}, {e}] is outside the sentence of {len(tokens)} tokens")
+    if e < s:
+        raise ValueError(f"'{role}.pos' [{s}, {e}] is reversed: the start must come before the end")
+    if e == s:
+        raise ValueError(f"'{role}.pos' [{s}, {e}] is an empty span: the end is exclusive, so a one-token entity at {s} is [{s}, {s + 1}]")
+    if s < 0 or e > len(tokens):
+        raise ValueError(f"'{role}.pos' [{s}, {e}] is outside the sentence of {len(tokens)} tokens (valid: 0 <= start < end <= {len(tokens)})")
     if not isinstance(name, str):
         raise ValueError(f"'{role}.name' must be a string")
     if " ".join(tokens[s:e]) != name:
@@ -107,14 +109,44 @@ def parse_mnre_line(line: str, rel2id: dict[str, int]) -> dict:
     }
 
 
-def read_text(path: Path) -> str:
-    """A whole UTF-8 text file; a missing or undecodable file is one clear error."""
+BOM = b"\xef\xbb\xbf"
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes without a leading UTF-8 BOM (Windows editors write one)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return data[len(BOM):] if data.startswith(BOM) else data
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (a BOM is accepted); bad bytes are one clear error naming the line."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputError(f"{path}:{line}", f"not UTF-8 text ({exc.reason} at column {col})") from None
+
+
+class LineError(ValueError):
+    """A line that cannot even be decoded (raised by :func:`text_lines` consumers per line)."""
+
+
+def text_lines(path: Path):
+    """``(lineno, text)`` per line of a UTF-8 file, decoded line by line: a line with bad
+    bytes yields ``(lineno, LineError)`` instead, so it can be reported or skipped alone."""
+    data = read_bytes(path)
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            yield lineno, LineError(f"not UTF-8 text ({exc.reason} at column {exc.start + 1})")
 
 
 def read_sample_lines(path: Path, split: str, parse, on_error: str = "stop") -> ReadResult:
@@ -124,17 +156,19 @@ def read_sample_lines(path: Path, split: str, parse, on_error: str = "stop") -> 
     path = Path(path)
     out = ReadResult()
     idx = 0
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
+    for lineno, line in text_lines(path):
+        if isinstance(line, str) and not line.strip():
             continue
         try:
+            if isinstance(line, LineError):
+                raise line
             row = parse(line)
         except ValueError as exc:
             if on_error == "stop":
                 raise InputError(f"{path}:{lineno}", str(exc)) from None
             out.skipped.append({"file": str(path), "line": lineno, "error": str(exc)})
         else:
-            row.update(split=split, idx=idx, line=lineno, sample_id=f"{split}-{idx:05d}")
+            row.update(split=split, idx=idx, line=lineno, file=path.name, sample_id=f"{split}-{idx:05d}")
             out.rows.append(row)
         idx += 1
     return out
@@ -155,10 +189,11 @@ def read_captions(path: Path, on_error: str = "stop") -> ReadResult:
     (as in CAMIM's loader).
     """
     path = Path(path)
-    text = read_text(path)
+    head = read_bytes(path)[:4096].decode("utf-8", errors="replace")
     out = ReadResult()
-    stripped = text.lstrip()
+    stripped = head.lstrip()
     if stripped.startswith("{") and (path.suffix == ".json" or stripped.startswith('{"') or "\n" not in stripped.strip()):
+        text = read_text(path)  # one JSON document: bad bytes anywhere make it unreadable
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -175,10 +210,12 @@ def read_captions(path: Path, on_error: str = "stop") -> ReadResult:
                     continue
                 out.rows.append({"img_id": img_id, "caption": cap, "line": 0})
             return out
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for lineno, line in text_lines(path):
+        if isinstance(line, str) and not line.strip():
             continue
         try:
+            if isinstance(line, LineError):
+                raise line
             obj = _parse_literal(line)
             if "img_id" not in obj or "text" not in obj:
                 raise ValueError("expected keys 'img_id' and 'text'")

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import InputError, PipelineError
 
-from .readers import ReadResult, check_image_name, read_text
+from .readers import LineError, ReadResult, check_image_name, text_lines
 
 FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 TYPES = ("PER", "LOC", "ORG", "MISC")
@@ -48,7 +48,6 @@ def read_conll(path: Path, split: str, on_error: str = "stop") -> ReadResult:
     0-based position in the file."""
     path = Path(path)
     out = ReadResult()
-    text = read_text(path)
 
     def fail(lineno: int, what: str, start: int) -> None:
         if on_error == "stop":
@@ -72,11 +71,17 @@ def read_conll(path: Path, split: str, on_error: str = "stop") -> ReadResult:
             idx += 1
         cur, bad = None, False
 
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
+    lines = list(text_lines(path))  # decoded line by line: bad bytes spoil one tweet, not the file
+    if lines and lines[-1][1] == "":
         lines.pop()
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.rstrip("\r")
+    for lineno, line in lines:
+        if isinstance(line, LineError):
+            if cur is None:
+                cur = {"img_id": "", "line": lineno, "tokens": [], "tags": []}
+            if not bad:
+                fail(lineno, str(line), cur["line"])
+            bad = True
+            continue
         if not line.strip():
             close()
             continue

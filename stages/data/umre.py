@@ -31,7 +31,14 @@ from pathlib import Path
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import InputError, PipelineError
 
-from .readers import ReadResult, _check_span, _parse_literal, check_image_name, read_rel2id, read_sample_lines
+from .readers import (
+    ReadResult,
+    _check_span,
+    _parse_literal,
+    check_image_name,
+    read_rel2id,
+    read_sample_lines,
+)
 
 SPLITS = ("train", "val", "test")
 SAMPLE = REPO_ROOT / "data" / "sample" / "umre"

@@ -29,6 +29,7 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
+from pipeline.paths import confine
 from pipeline.runner import RunSummary, run_stage
 from pipeline.stage import Registry, Stage
 from pipeline.store import ItemResult, StageCache, Store, atomic_write_bytes
@@ -182,17 +183,21 @@ class Grounding:
         return r if r is not None and r["ok"] else None
 
 
-def find_in(root: Path, split: str, name: str, subdirs=("crops",)) -> Path | None:
-    """``<root>/<split>/<sub>/<name>``, ``<root>/<split>/<name>`` or ``<root>/<name>``."""
+def find_in(root: Path, split: str, name: str, subdirs=("crops",), what: str = "entry") -> Path | None:
+    """``<root>/<split>/<sub>/<name>``, ``<root>/<split>/<name>`` or ``<root>/<name>``; an entry
+    that resolves outside ``root`` (``..``, an absolute path, a link) raises :class:`PathEscape`."""
     cands = [root / split / s / name for s in subdirs] + [root / split / name, root / name]
-    return next((c for c in cands if c.is_file()), None)
+    found = next((c for c in cands if c.is_file()), None)
+    if found is not None:
+        confine(found, root, f"{what} {name!r}:")
+    return found
 
 
 def trans_image_path(trans_dir: Path, split: str, img_id: str) -> Path | None:
     """TMR names the generated image after the tweet image; its script saved .png."""
     stem = Path(img_id).stem
     for name in (img_id, f"{stem}.png", f"{stem}.jpg"):
-        p = find_in(trans_dir, split, name, subdirs=())
+        p = find_in(trans_dir, split, name, subdirs=(), what="translation image")
         if p is not None:
             return p
     return None
@@ -249,7 +254,13 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
             if view == "trans":
                 if trans_dir is None:
                     continue
-                p = trans_image_path(trans_dir, rec["split"], rec["img_id"])
+                try:
+                    p = trans_image_path(trans_dir, rec["split"], rec["img_id"])
+                except PipelineError as exc:  # a link out of the folder: refused
+                    if settings.on_error != "skip":
+                        raise PipelineError(f"record {rec['sample_id']}: {exc} (--on-error skip leaves it out)") from None
+                    log.warning("ground: record %s: %s; left out", rec["sample_id"], exc)
+                    continue
                 if p is None:
                     continue
                 tkey = sha256_file(str(p))

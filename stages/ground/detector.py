@@ -105,7 +105,11 @@ class DetectorGrounding:
         return {"queries": build_queries(rec, self._phrases(rec), int(self.conf["max_queries"]))}
 
     def setup(self) -> None:
-        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+        from transformers import (
+            AutoConfig,
+            AutoModelForZeroShotObjectDetection,
+            AutoProcessor,
+        )
 
         kw = {"revision": self.ref.revision} if self.ref.revision else {}
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of, sha256_file
+from pipeline.paths import PathEscape
 
 from . import find_in, load_side_index
 
@@ -92,7 +93,10 @@ class ImportedGrounding:
 
         files, missing = [], []
         for name in it["entries"]:
-            p = find_in(self.crop_dir, it["split"], name)
+            try:
+                p = find_in(self.crop_dir, it["split"], name, what="crop index entry")
+            except PathEscape as exc:
+                return {"error": f"refused: {exc}"}
             if p is None:
                 missing.append(name)
                 continue

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,20 +106,25 @@ def seed_all(seed: int) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
-    """Decay on matrices only.  A head may name parameters that learn faster
-    (``fast_params()`` and ``fast_lr_scale``, e.g. VEC-MNER's CRF and emission layer)."""
-    fast = {id(p) for p in (model.fast_params() if hasattr(model, "fast_params") else [])}
-    scale = float(getattr(model, "fast_lr_scale", 1.0))
-    groups: dict[tuple[bool, bool], list] = {}
+    """Decay on matrices only.  A head may give parameters their own learning rate:
+    ``fast_params()`` with ``fast_lr_scale`` (e.g. VEC-MNER's CRF and emission layer learn
+    10x faster) or ``lr_scales(lr) -> [(params, scale)]`` (e.g. a tuned top at ``top_lr``)."""
+    scales: dict[int, float] = {}
+    for p in model.fast_params() if hasattr(model, "fast_params") else []:
+        scales[id(p)] = float(getattr(model, "fast_lr_scale", 1.0))
+    if hasattr(model, "lr_scales") and lr:
+        for ps, sc in model.lr_scales(lr):
+            scales.update({id(p): float(sc) for p in ps})
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        groups.setdefault((p.ndim < 2 or name.endswith(".bias"), id(p) in fast), []).append(p)
+        groups.setdefault((p.ndim < 2 or name.endswith(".bias"), scales.get(id(p), 1.0)), []).append(p)
     out = []
-    for (nd, f), ps in sorted(groups.items()):
+    for (nd, sc), ps in sorted(groups.items()):
         g = {"params": ps, "weight_decay": 0.0 if nd else weight_decay}
-        if f and lr is not None:
-            g["lr"] = lr * scale
+        if sc != 1.0 and lr is not None:
+            g["lr"] = lr * sc
         out.append(g)
     return out
 
@@ -185,6 +192,43 @@ def evaluate(model, data, split: str, conf: dict, device, amp, metrics) -> tuple
     return metrics(data.gold(split), preds, data.labels), preds
 
 
+def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, progress: dict) -> None:
+    """Everything needed to continue after the epoch just finished, written atomically."""
+    doc = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+           "torch_rng": torch.get_rng_state(), "py_rng": list(random.getstate()[1]), "py_rng_pos": random.getstate()[2],
+           **progress}
+    if torch.cuda.is_available():
+        doc["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(doc, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"cannot write the training checkpoint {path}: {exc.strerror or exc}") from None
+    hook = os.environ.get("CAMIM_TEST_KILL_AFTER_EPOCH")  # tests: a real SIGKILL right after a checkpoint
+    if hook and int(hook) == progress["epoch"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> dict:
+    try:
+        doc = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: start over rather than die
+        log.warning("train: checkpoint %s unreadable (%s); starting from epoch 1", path, exc)
+        path.unlink(missing_ok=True)
+        return {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
+    model.load_state_dict(doc["model"])
+    opt.load_state_dict(doc["opt"])
+    sched.load_state_dict(doc["sched"])
+    gen.set_state(doc["gen"])
+    torch.set_rng_state(doc["torch_rng"])
+    random.setstate((3, tuple(doc["py_rng"]), doc["py_rng_pos"]))
+    if "cuda_rng" in doc and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(doc["cuda_rng"])
+    return {k: doc[k] for k in ("epoch", "best_f1", "best_epoch", "best_state", "history", "n_seen", "train_seconds")}
+
+
 def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> dict:
     return {
         "task": settings.task,
@@ -220,7 +264,10 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     if int(conf["threads"]) > 0:
         torch.set_num_threads(int(conf["threads"]))
     seed_all(seed)
-    model = head_cls(data.dims, len(data.labels), {k: v for k, v in conf.items() if k not in TRAINER_KEYS}).to(device)
+    model = head_cls(data.dims, len(data.labels), {k: v for k, v in conf.items() if k not in TRAINER_KEYS})
+    if hasattr(model, "load_pretrained") and getattr(data, "pretrained", None):
+        model.load_pretrained(data.pretrained)  # e.g. the cached top layers (still nothing but the cache)
+    model = model.to(device)
     metrics = metric_fn(head_cls)
     train_rows = data.splits.get("train")
     if train_rows is None or "val" not in data.splits:
@@ -234,13 +281,26 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    old_key = None
+    if (out_dir / "config.json").exists():
+        try:
+            old_key = json.loads((out_dir / "config.json").read_text()).get("key")
+        except (OSError, json.JSONDecodeError):
+            pass
+    if force or old_key != key:
+        ckpt.unlink(missing_ok=True)  # a checkpoint of another config (or --force) is never resumed
     atomic_write_json(out_dir / "config.json", {**config, "key": key, "profile": settings.conf, "source": settings.source})
-    best_f1, best_epoch, best_state = -1.0, -1, None
-    history = []
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
+    if ckpt.exists():
+        state = load_checkpoint(ckpt, model, opt, sched, gen)
+        say(f"train [{run_id}]: resuming after epoch {state['epoch']} from {ckpt}")
+    best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
+    history = state["history"]
     t0 = time.perf_counter()
-    n_seen = 0
-    train_seconds = 0.0
-    for epoch in range(1, epochs + 1):
+    n_seen = state["n_seen"]
+    train_seconds = state["train_seconds"]
+    for epoch in range(state["epoch"] + 1, epochs + 1):
         model.train()
         te = time.perf_counter()
         sums: dict[str, float] = {}
@@ -267,6 +327,9 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         say(f"  epoch {epoch}/{epochs}: loss {row['loss']:.4f}" + "".join(f" {k} {row[k]:.4f}" for k in sums if k != "loss")
             + f"  val F1 {val['f1'] * 100:.2f}{' *' if better else ''}  ({row['seconds']:.1f}s)")
+        save_checkpoint(ckpt, model, opt, sched, gen, {"epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch,
+                                                       "best_state": best_state, "history": history, "n_seen": n_seen,
+                                                       "train_seconds": train_seconds})
     model.load_state_dict(best_state)
     results, pred_rows = {}, {"split": [], "index": [], "sample_id": [], "gold": [], "pred": [], "gold_label": [], "pred_label": []}
     for split in [s for s in ("val", "test") if s in data.splits]:
@@ -302,6 +365,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(out_dir / "model.safetensors"))
     atomic_write_table(out_dir / "predictions.parquet", pa.table(pred_rows))
     atomic_write_json(mpath, metrics_doc)
+    ckpt.unlink(missing_ok=True)  # finished: model.safetensors holds the selected epoch
     t = results.get("test", {})
     say(f"train [{run_id}]: best epoch {best_epoch}, val F1 {best_f1 * 100:.2f}, test Acc {t.get('acc', 0) * 100:.2f} "
         f"P {t.get('precision', 0) * 100:.2f} R {t.get('recall', 0) * 100:.2f} F1 {t.get('f1', 0) * 100:.2f} "
@@ -319,7 +383,8 @@ def eval_run(settings: Settings, run: str) -> dict:
         raise PipelineError(f"{run_dir}: not a finished run (needs config.json and model.safetensors)")
     config = json.loads(cpath.read_text())
     s = Settings(profile=settings.profile, cache_dir=settings.cache_dir, task=config["task"],
-                 source=config.get("source"), device=settings.device, conf=config["profile"])
+                 source=config.get("source"), device=settings.device, conf=config["profile"],
+                 runs_dir=settings.runs_dir, reports_dir=settings.reports_dir)
     conf = {**DEFAULTS, **config["options"]}
     data = load_data(s, config["mllm"], config["head"])
     if data.cache_keys != config["cache_keys"]:

@@ -1,8 +1,15 @@
 import email.utils
 import time
 
-from stages.captions.api_common import (Permanent, RateLimiter, RetryPolicy, Transient, http_error, parse_retry_after,
-                                        short_text)
+from stages.captions.api_common import (
+    Permanent,
+    RateLimiter,
+    RetryPolicy,
+    Transient,
+    http_error,
+    parse_retry_after,
+    short_text,
+)
 
 
 def test_retry_after_forms():

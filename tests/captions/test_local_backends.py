@@ -2,12 +2,11 @@
 the real processor and ``generate`` (MiniCPM-V 2.x: a toy trust_remote_code folder)."""
 
 import pytest
+import tiny_models as tm
+from caption_helpers import PHOTOS, mini_mnre, settings
 
 from stages import chain
 from stages.features.text import caption_item_key
-
-import tiny_models as tm
-from caption_helpers import PHOTOS, mini_mnre, settings
 
 BACKENDS = {  # backend -> builder
     "blip2": tm.build_blip2,

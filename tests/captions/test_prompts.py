@@ -1,9 +1,8 @@
 import pytest
+from caption_helpers import settings
 
 from pipeline.errors import PipelineError
 from stages.captions.prompts import load_prompt, names
-
-from caption_helpers import settings
 
 REC = {"image_key": "k1", "img_id": "a.jpg", "tokens": ["Rihanna", "for", "Vogue", "Brasil"], "h_name": "Rihanna",
        "t_name": "Vogue Brasil", "sample_id": "test:0"}

@@ -79,7 +79,12 @@ def _seed():
 
 
 def build_blip2(path: Path) -> Path:
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+    )
 
     _seed()
     tok = bpe_tokenizer(["<|endoftext|>", "<|im_end|>", "<image>"])
@@ -90,8 +95,12 @@ def build_blip2(path: Path) -> Path:
 
 
 def build_instructblip(path: Path) -> Path:
-    from transformers import (BlipImageProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration,
-                              InstructBlipProcessor)
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
 
     _seed()
     tok = bpe_tokenizer(["<|endoftext|>", "<|im_end|>", "<image>"])
@@ -104,8 +113,13 @@ def build_instructblip(path: Path) -> Path:
 
 
 def build_llava_next(path: Path) -> Path:
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     _seed()
     tok = bpe_tokenizer(["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<image>"])
@@ -131,8 +145,13 @@ QWEN_TEMPLATE = (
 
 
 def build_qwen2_vl(path: Path) -> Path:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     _seed()
     specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

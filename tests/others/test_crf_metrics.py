@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from stages.train.ner import WordCRF, ner_metrics, word_shape, SHAPES
 from stages.data.twitter import TAGS
+from stages.train.ner import SHAPES, WordCRF, ner_metrics, word_shape
 
 
 def brute(crf, em, tags_len):

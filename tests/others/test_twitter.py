@@ -1,7 +1,6 @@
 """Twitter-2015/2017 CoNLL reader and the token-level text features."""
 
 import pytest
-import torch
 
 from pipeline.config import Settings
 from pipeline.errors import InputError
@@ -77,3 +76,13 @@ def test_token_items_keep_all_pieces_and_first_piece_index():
     r2 = out[1]
     assert r2.row["n_pieces"] == 128 and r2.row["truncated"]
     assert r2.row["word_first"][125] == 126 and r2.row["word_first"][126] == -1
+
+
+def test_bad_bytes_spoil_one_tweet_not_the_file(tmp_path):
+    p = tmp_path / "bytes.txt"
+    p.write_bytes(b"\xef\xbb\xbfIMGID:1\na\tO\n\nIMGID:2\ncaf\xe9\tO\nb\tO\n\nIMGID:3\nc\tB-PER\n")
+    with pytest.raises(InputError) as e:
+        read_conll(p, "train")
+    assert f"{p}:5" in str(e.value) and "not UTF-8" in str(e.value)
+    res = read_conll(p, "train", on_error="skip")
+    assert [r["img_id"] for r in res.rows] == ["1.jpg", "3.jpg"] and res.skipped[0]["line"] == 5

@@ -45,7 +45,7 @@ def test_bad_lines_name_file_and_line(tmp_path, line, what):
     (src / "val_set.json").write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError) as e:
         prepare(Settings(task="umre", source=str(src), cache_dir=tmp_path / "c"))
-    assert f"val_set.json:3" in str(e.value) and what in str(e.value)
+    assert "val_set.json:3" in str(e.value) and what in str(e.value)
 
 
 def test_box_file_is_validated(tmp_path):

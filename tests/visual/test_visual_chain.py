@@ -98,7 +98,6 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     # the trainer: one epoch on cached features; its metrics file lists the image streams as present
     from stages.train.trainer import train_one
 
-    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     res = train_one(settings, "none", 1, {"epochs": 1, "hidden": 32, "heads": 2, "batch_size": 4}, data=data, quiet=True)
     metrics = json.loads((res.dir / "metrics.json").read_text())
     m = metrics["modalities"]
@@ -108,7 +107,7 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     # cache gc keeps every visual entry that this run recorded or the settings reach
     from stages.gc import live_keys
 
-    live = live_keys(Settings(cache_dir=cache, source=str(tiny_source), mllm="none"), explicit_mllm=True)
+    live = live_keys(Settings(cache_dir=cache, source=str(tiny_source), mllm="none", runs_dir=settings.runs_dir), explicit_mllm=True)
     for stage in ("ground", "image_features", "image_streams"):
         on_disk = {p.name for p in (cache / stage).iterdir() if p.is_dir()}
         assert on_disk and on_disk <= {k for s_, k in live if s_ == stage}, stage
