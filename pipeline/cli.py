@@ -163,13 +163,13 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
-          runs_dir: Optional[str] = RunsOpt):
+          runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
-                      image_dir=image_dir, runs_dir=runs_dir)
+                      image_dir=image_dir, runs_dir=runs_dir, prompt=prompt)
         over = _train_overrides(head, opt, epochs)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
         return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
@@ -192,13 +192,13 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
            device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
-           runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt):
+           runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
-                      image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir)
+                      image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir, prompt=prompt)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
         if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
             from stages.report.heads import run_head_comparison
@@ -278,7 +278,7 @@ def cache_verify(cache_dir: Optional[str] = CacheOpt,
 @cache_app.command("gc")
 def cache_gc(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to keep (default: every shipped one)"),
-             runs_dir: Optional[str] = RunsOpt,
+             runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt, image_dir: Optional[str] = ImagesOpt,
              keep_runs: Optional[list[str]] = typer.Option(None, "--keep-runs", help="another runs folder whose recorded cache keys are kept too (repeatable)"),
              yes: bool = typer.Option(False, "--yes", help="delete (default: only list what would go)")):
     """Remove cache entries that no current config reaches (and orphaned temp files).
@@ -287,7 +287,8 @@ def cache_gc(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
     runs folder in effect (--runs-dir / RUNS_DIR) and in each --keep-runs folder."""
     from stages import gc
 
-    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, runs_dir=runs_dir)
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, runs_dir=runs_dir,
+                  prompt=prompt, image_dir=image_dir)
     _guard(gc.collect, s, bool(mllm), yes, [Path(p) for p in keep_runs or []])
 
 

@@ -24,7 +24,7 @@ def live_keys(settings: Settings, explicit_mllm: bool, extra_runs: list[Path] | 
     from stages.data import prepare
     from stages.features import text_stage
 
-    keys = {("data", prepare(settings).key)}
+    keys = {("data", prepare(settings, write=False).key)}  # gc never writes, least of all in a dry run
     for mllm in settings.mllms if explicit_mllm else shipped_sources(settings):
         keys.add(("captions", CaptionStage(make_captioner(mllm, settings)).key))
     keys.add(("text_features", text_stage(settings).key))

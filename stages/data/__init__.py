@@ -63,8 +63,9 @@ def get_task(settings: Settings):
     return TASKS.create(settings.task)
 
 
-def prepare(settings: Settings) -> Dataset:
-    """Read, validate and cache the task's records (re-used when nothing changed)."""
+def prepare(settings: Settings, write: bool = True) -> Dataset:
+    """Read, validate and cache the task's records (re-used when nothing changed).
+    ``write=False`` (e.g. a dry-run ``cache gc``) builds them in memory and writes nothing."""
     task = get_task(settings)
     files = task.source_files(settings)
     image_dir = Path(settings.image_dir) if settings.image_dir else None
@@ -95,6 +96,8 @@ def prepare(settings: Settings) -> Dataset:
             continue
         rows.append(r)
     table = pa.Table.from_pylist(rows)
+    if not write:
+        return Dataset(settings.task, key, table, task.source_dir(settings), path)
     sc.write_spec({"stage": "data", "version": task.version, "key_config": key_config, "label": settings.task, "rows": len(rows)})
     if result.skipped:
         atomic_write_table(sc.files_dir / "skipped.parquet", pa.Table.from_pylist(result.skipped))

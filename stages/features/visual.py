@@ -224,7 +224,7 @@ def live_keys(settings: Settings, reached: set[tuple[str, str]]) -> set[tuple[st
                 out.add(("ground", gkey))
         except PipelineError:
             pass
-        out.add(("image_streams", streams_key(settings, prepare(settings).records.to_pylist(), gkey, fkey)))
+        out.add(("image_streams", streams_key(settings, prepare(settings, write=False).records.to_pylist(), gkey, fkey)))
     for stage, key in list(out):
         if stage != "image_streams":
             continue
