@@ -173,3 +173,30 @@ def test_two_concurrent_runs_compute_each_item_once(tmp_path):
     assert "waiting for it" in err_b
     sc = Store(cache).entries()[0]
     assert sc.index().num_rows == 60 and len(sc.part_paths()) == 20
+
+
+def test_train_heals_an_overwritten_feature_part_and_ends_as_a_clean_run(tmp_path, small_source):
+    """The issue's worst case: 4 KiB overwritten inside a text-feature part (size unchanged) used to
+    train to `loss nan ... val F1 0.00`.  Now the part is quarantined, recomputed, and the run
+    scores exactly as one on an undamaged cache."""
+    import json
+
+    import pipeline.store as store_mod
+
+    args = ["train", "--source", str(small_source), "--mllm", "imported:qwen", "--epochs", "2",
+            "--opt", "hidden=32", "--opt", "heads=2"]
+    clean = CliRunner().invoke(app, args + ["--cache-dir", str(tmp_path / "a"), "--runs-dir", str(tmp_path / "ra")])
+    assert clean.exit_code == 0, clean.output
+    CliRunner().invoke(app, ["features", "--source", str(small_source), "--mllm", "imported:qwen",
+                             "--cache-dir", str(tmp_path / "b"), "--batch-size", "16"])
+    tf = next((tmp_path / "b" / "text_features").iterdir())
+    part = sorted((tf / "parts").glob("part-*.safetensors"))[0]
+    _overwrite(part)
+    store_mod._VERIFIED.clear()
+    healed = CliRunner().invoke(app, args + ["--cache-dir", str(tmp_path / "b"), "--runs-dir", str(tmp_path / "rb")])
+    assert healed.exit_code == 0, healed.output
+    assert "16 new" in healed.output  # the damaged part's items, computed again
+    (ma,) = (tmp_path / "ra").glob("*/metrics.json")
+    (mb,) = (tmp_path / "rb").glob("*/metrics.json")
+    a, b = json.loads(ma.read_text()), json.loads(mb.read_text())
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]

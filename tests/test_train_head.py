@@ -172,3 +172,18 @@ def test_no_weight_decay_on_biases_and_layernorm():
     assert all(not names[id(p)].endswith("bias") and p.ndim >= 2 for p in decay["params"])
     assert any("ln" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+def test_a_mistyped_option_is_an_error_naming_the_known_ones():
+    import pytest
+
+    from pipeline.config import Settings
+    from pipeline.errors import PipelineError
+    from stages.train.trainer import train_options
+
+    s = Settings()
+    assert train_options(s, {"top_lr": 1e-4, "epochs": 2})["top_lr"] == 1e-4
+    with pytest.raises(PipelineError, match="'hiden'.*known:.*hidden"):
+        train_options(s, {"hiden": 64})
+    with pytest.raises(PipelineError, match="for head 'vecmner'"):
+        train_options(s, {"head": "vecmner", "hidden": 64})  # VEC-MNER's width is `d`

@@ -82,7 +82,10 @@ def prepare(settings: Settings, write: bool = True) -> Dataset:
     sc = Store(settings.cache_dir).stage("data", key)
     path = sc.files_dir / "records.parquet"
     if path.exists():
-        return Dataset(settings.task, key, pq.read_table(path), task.source_dir(settings), path)
+        try:
+            return Dataset(settings.task, key, pq.read_table(path), task.source_dir(settings), path)
+        except (OSError, pa.ArrowException) as exc:  # damaged: it is derived from the sources, so rebuild it
+            log.warning("data: the manifest %s is unreadable (%s); rebuilding it from the source files", path, exc)
     result = task.read(files, settings)
     rows = []
     for r in result.rows:

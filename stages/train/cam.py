@@ -45,6 +45,8 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
+from .tuned_top import TOP_OPTIONS
+
 ALIGN = ("W&S", "W", "S")
 MI_PAIRS = ("O&G", "(O+G)&F", "T&F", "(O+G)&T", "off")
 
@@ -103,6 +105,9 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor
 
 class CamHead(nn.Module):
     dataset = "re"
+    #: every option this head reads, with its default (a mistyped --opt key is an error naming these)
+    OPTIONS = {"hidden": 256, "heads": 4, "text_layers": 1, "dropout": 0.1, "cls_dropout": 0.5, "align": "W&S",
+               "mi": "O&G", "alpha": 0.1, "tau": 1.0, **TOP_OPTIONS}
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()

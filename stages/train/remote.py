@@ -117,6 +117,7 @@ class MultiLevelMoE(nn.Module):
 
 
 class RemoteHead(nn.Module):
+    OPTIONS = dict(DEFAULTS)
     """REMOTE-lite; the batch comes from the task's dataset (``re`` for MNRE, ``umre``)."""
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):

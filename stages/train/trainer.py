@@ -56,7 +56,17 @@ TRAINER_KEYS = set(DEFAULTS) | {"streams"}
 
 
 def train_options(settings: Settings, overrides: dict | None = None) -> dict:
+    """Trainer defaults < the profile's ``[train]`` < overrides (``--opt``, ``--epochs``, ``--head``).
+    An override that neither the trainer nor the chosen head knows is an error naming the known ones
+    (the profile may hold options of other heads; those are not checked)."""
     conf = {**DEFAULTS, **settings.section("train"), **(overrides or {})}
+    head_cls = HEADS.get(str(conf["head"]))
+    known = set(DEFAULTS) | {"streams"} | set(getattr(head_cls, "OPTIONS", {}) or {})
+    if getattr(head_cls, "OPTIONS", None) is not None:
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise PipelineError(f"unknown option(s) {', '.join(map(repr, unknown))} for head {conf['head']!r}; "
+                                f"known: {', '.join(sorted(known))}")
     return conf
 
 

@@ -30,6 +30,9 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
+#: head options of the tuned top (every head that can take one declares these too)
+TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 5e-5, "top_dropout": 0.1}
+
 # cached name (relative to one BERT layer) -> our name
 BERT_NAMES = {
     "attention.self.query": "q",

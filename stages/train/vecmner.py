@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ner import SHAPES, WordCRF
+from .tuned_top import TOP_OPTIONS
 
 DEFAULTS = {
     "d": 256,
@@ -179,11 +180,12 @@ class LevelMix(nn.Module):
 
 class VecMnerHead(nn.Module):
     dataset = "ner"
+    OPTIONS = {**DEFAULTS, **TOP_OPTIONS}
     metrics = "stages.train.ner:ner_metrics"
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()
-        o = {**DEFAULTS, **(options or {})}
+        o = {**self.OPTIONS, **(options or {})}
         self.o = o
         d = int(o["d"])
         # tuned top (text.cut = k > 0): copies of the encoder's last k layers over the cached cut-level states
