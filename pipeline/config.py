@@ -14,7 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 
-def load_profile(name_or_path: str) -> dict:
+def load_profile(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A profile; ``extends = "<profile name or path>"`` merges it over its parent, so a profile
+    holds only its differences."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.toml"
@@ -22,9 +24,19 @@ def load_profile(name_or_path: str) -> dict:
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml")))
         raise PipelineError(f"unknown profile {name_or_path!r} (known: {known}; or give a .toml path)")
     try:
-        return tomllib.loads(path.read_text())
+        conf = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: {exc}") from None
+    parent = conf.pop("extends", None)
+    if parent is None:
+        return conf
+    if str(path.resolve()) in _seen:
+        raise PipelineError(f"{path}: profiles extend each other in a circle ({' -> '.join(_seen)})")
+    if not Path(parent).suffix:  # a name: a packaged profile; a relative path: next to this one
+        base = parent
+    else:
+        base = str(Path(parent) if Path(parent).is_absolute() else path.parent / parent)
+    return merge(load_profile(base, (*_seen, str(path.resolve()))), conf)
 
 
 def merge(base: dict, over: dict) -> dict:

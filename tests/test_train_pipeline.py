@@ -27,7 +27,7 @@ def env(tiny_text_model, tmp_path_factory):
     from stages import chain
 
     root = tmp_path_factory.mktemp("camim")
-    conf = merge(load_profile("offline"), {"text": {"model": str(tiny_text_model), "batch_size": 128}, "train": FAST})
+    conf = merge(load_profile("offline"), {"text": {"model": str(tiny_text_model), "batch_size": 128, "cut": 0}, "train": FAST})
     s = Settings(cache_dir=root / "cache", conf=conf, runs_dir=root / "runs", reports_dir=root / "reports")
     chain.features(s, ["none", "imported:qwen"])
     return s

@@ -1,0 +1,32 @@
+"""Profiles: `extends` merges a profile over its parent, so each holds only its differences."""
+
+import pytest
+
+from pipeline.config import PROFILE_DIR, load_profile
+from pipeline.errors import PipelineError
+
+
+def test_shipped_profiles_extend_the_base_and_hold_only_differences():
+    import tomllib
+
+    base = load_profile("offline")
+    assert "extends" not in tomllib.loads((PROFILE_DIR / "offline.toml").read_text())
+    for name in ("paper", "offline-levels"):
+        raw = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
+        assert raw.pop("extends") == "offline"
+        for sec, vals in raw.items():  # nothing restated with the parent's value
+            assert all(base[sec].get(k) != v for k, v in vals.items()), (name, sec)
+    levels = load_profile("offline-levels")
+    assert levels["text"]["layers"] == [-4, -3, -2, -1] and levels["text"]["cut"] == 0
+    assert levels["train"] == base["train"] and levels["text"]["model"] == base["text"]["model"]
+
+
+def test_a_user_profile_extends_by_name_or_path_and_a_circle_is_an_error(tmp_path):
+    (tmp_path / "mine.toml").write_text('extends = "paper"\n[train]\nepochs = 2\n')
+    (tmp_path / "more.toml").write_text('extends = "mine.toml"\n[text]\ncut = 1\n')
+    p = load_profile(str(tmp_path / "more.toml"))
+    assert p["train"]["epochs"] == 2 and p["text"]["cut"] == 1 and p["text"]["model"] == "bert-base-uncased"
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(PipelineError, match="circle"):
+        load_profile(str(tmp_path / "a.toml"))
