@@ -90,11 +90,20 @@ def records_fingerprint(records: list[dict]) -> str:
     return key_of([(r["sample_id"], r["image_key"]) for r in records])
 
 
+#: finished visual chains of this process: one command (e.g. `train`, which runs `features` and
+#: then reads the streams) grounds, encodes and hashes each image once, not once per caller
+_DONE: dict[str, dict] = {}
+
+
 def run_visual(settings: Settings, records: list[dict]) -> dict:
     """Ground, encode and assemble the image streams; returns a summary dict."""
     from stages.ground import ground_conf, run_grounding, summary_lines
 
     conf = ground_conf(settings)
+    memo = key_of({"cache": str(Path(settings.cache_dir).resolve()), "records": records_fingerprint(records), "ground": conf,
+                   "image": settings.section("image"), "image_dir": settings.image_dir, "device": settings.device})
+    if memo in _DONE:
+        return _DONE[memo]
     grounding = None
     backend = conf["backend"].split(":", 1)[0]
     if backend == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
@@ -111,6 +120,7 @@ def run_visual(settings: Settings, records: list[dict]) -> dict:
     print(f"  -> {feats.cache.dir}")
     path, meta = assemble_streams(settings, records, grounding, feats)
     print(f"image streams: {meta['present']} -> {path}")
+    _DONE[memo] = meta
     return meta
 
 

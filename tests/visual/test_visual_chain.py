@@ -119,8 +119,23 @@ def test_make_train_sees_the_image_streams(visual_source, tiny_source, tmp_path,
     monkeypatch.setenv("TRANS_DIR", str(visual_source["trans"]))
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     args = ["--cache-dir", str(tmp_path / "cache"), "--source", str(tiny_source), "--image-dir", str(visual_source["images"]), "--mllm", "none"]
+    import stages.features.visual as visual
+    import stages.ground as ground
+
+    calls = {"ground": 0, "image": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(ground, "run_grounding", counted("ground", ground.run_grounding))
+    monkeypatch.setattr(visual, "run_image_features", counted("image", visual.run_image_features))
     res = CliRunner().invoke(app, ["train", *args, "--epochs", "1", "--opt", "hidden=32", "--opt", "heads=2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert calls == {"ground": 1, "image": 1}  # one train runs each visual stage once
+    assert res.output.count("image streams:") == 1
     (metrics,) = list((tmp_path / "runs").glob("*/metrics.json"))
     m = json.loads(metrics.read_text())["modalities"]
     assert m["image"] and m["objects"] and m["translation_image"] and m["translation_objects"]
