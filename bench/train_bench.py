@@ -154,5 +154,14 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     what = f"tuned-top step ({top} layers)" if top else "head step"
     print(f"one step, batch {bs}: {what} {th * 1000:.1f} ms, end-to-end with every layer of {stage.conf['model']} fwd+bwd "
           f"{te * 1000:.1f} ms -> {what} = {th / te:.3f} of an end-to-end step ({te / th:.1f}x cheaper)")
-    print("note: measured on a shared CPU while other jobs ran; absolute numbers are noisy, the ratio less so")
+    # 3. threads: the same step on 1 thread and on every core (the profile's `threads` picks)
+    before = torch.get_num_threads()
+    per = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        per[n] = statistics.median(_timed_steps(head_step, steps))
+    torch.set_num_threads(before)
+    print("threads: " + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in per.items())
+          + (f" -> {per[1] / per[max(per)]:.2f}x faster on {max(per)}" if len(per) > 1 else ""))
+    print(f"load average at the end {os.getloadavg()[0]:.2f}; on a shared CPU read the ratios, not the absolute times")
     return 0
