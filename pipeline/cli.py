@@ -28,6 +28,7 @@ OnErrorOpt = typer.Option("stop", "--on-error", envvar="ON_ERROR", help="stop | 
 BatchOpt = typer.Option(None, "--batch-size", envvar="BATCH_SIZE", help="batch size (never part of a cache key)")
 DeviceOpt = typer.Option("auto", "--device", envvar="DEVICE", help="auto | cpu | cuda | cuda:N")
 ImagesOpt = typer.Option(None, "--image-dir", envvar="IMAGE_DIR", help="folder of the dataset's images")
+DryOpt = typer.Option(False, "--dry-run", envvar="DRY_RUN", help="say what would run (items total, cached, new; API tokens and cost) and stop: nothing is sent or written")
 EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
 WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
 RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ of the checkout)")
@@ -73,26 +74,26 @@ def data(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskO
 def captions(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
              device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
-             workers: Optional[int] = WorkersOpt):
+             workers: Optional[int] = WorkersOpt, dry_run: bool = DryOpt):
     """Caption every image of the dataset with MLLM (one caption per unique image)."""
     from stages import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
                   on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
-    _guard(chain.captions, s)
+    _guard(chain.dry_run, s, "captions") if dry_run else _guard(chain.captions, s)
 
 
 @app.command()
 def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
              device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
-             workers: Optional[int] = WorkersOpt):
+             workers: Optional[int] = WorkersOpt, dry_run: bool = DryOpt):
     """Cache text features of sentences and captions (runs data and captions first)."""
     from stages import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
                   on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
-    _guard(chain.features, s)
+    _guard(chain.dry_run, s, "features") if dry_run else _guard(chain.features, s)
 
 
 @app.command()
@@ -192,7 +193,8 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            seeds: Optional[str] = SeedsOpt, head: Optional[str] = HeadOpt, epochs: Optional[int] = typer.Option(None, "--epochs"),
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
            device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
-           runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt):
+           runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
+           dry_run: bool = DryOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
@@ -200,6 +202,15 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
                       image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir, prompt=prompt)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        if dry_run:
+            from stages import chain
+            from stages.train.trainer import train_options
+
+            srcs = s.mllms if mllm else (list(s.section("report").get("sources") or []) or chain.shipped_sources(s))
+            n_seeds = len(sd or s.section("report").get("seeds") or train_options(s, _train_overrides(head, opt, epochs))["seeds"])
+            chain.dry_run(s, "report", srcs)
+            print(f"  train: {len(srcs)} source(s) x {n_seeds} seed(s) = {len(srcs) * n_seeds} runs (finished ones are reused)")
+            return None
         if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
             from stages.report.heads import run_head_comparison
 

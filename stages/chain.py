@@ -64,6 +64,62 @@ def ground(settings: Settings):
     return ds, g
 
 
+def dry_run(settings: Settings, what: str, mllms: list[str] | None = None) -> dict:
+    """What ``captions`` / ``features`` / ``report`` would do: items total, cached, new per stage,
+    and for API backends the estimated tokens and cost.  Nothing is sent and nothing is written."""
+    from pipeline.store import Store
+    from stages.captions import CaptionStage, make_captioner
+    from stages.data import prepare
+    from stages.features import text_stage
+    from stages.features.text import (
+        caption_item_key,
+        sentence_item_key,
+        tokens_item_key,
+    )
+
+    store = Store(settings.cache_dir)
+    ds = prepare(settings, write=False)
+    records = ds.records.to_pylist()
+    print(f"dry run: {len(records)} records of {settings.task} ({ds.source}); nothing is sent and nothing is written")
+    out = {"records": len(records), "captions": {}, "text_features": None}
+    cap_texts: set[str] = set()
+    for mllm in mllms or settings.mllms:
+        captioner = make_captioner(mllm, settings)
+        stage = CaptionStage(captioner)
+        items = captioner.items(records)
+        sc = store.stage(stage.name, stage.key)
+        rows = {r["item_key"]: r for r in sc.rows()} if sc.part_paths() else {}
+        ok = [k for k in (it["item_key"] for it in items) if rows.get(k, {}).get("ok")]
+        transient = [k for k in (it["item_key"] for it in items)
+                     if k in rows and not rows[k]["ok"] and (rows[k].get("error") or "").startswith("transient")]
+        new = [it for it in items if it["item_key"] not in rows or it["item_key"] in set(transient)]
+        line = {"items": len(items), "cached": len(items) - len(new), "new": len(new)}
+        msg = f"  captions {mllm} [{stage.key}]: {len(items)} items, {line['cached']} cached, {len(new)} new"
+        if hasattr(captioner, "estimate"):
+            done_out = [rows[k].get("output_tokens") for k in ok if rows[k].get("output_tokens")]
+            est = captioner.estimate(new, sum(done_out) / len(done_out) if done_out else None)
+            line.update(est)
+            msg += (f"; estimated {est['input_tokens']:,} input + {est['output_tokens']:,} output tokens "
+                    f"(output {'as measured on this key' if est['output_from'] == 'measured' else 'at est_output_tokens'}; "
+                    f"at most {est['output_tokens_max']:,} at max_tokens), ")
+            msg += (f"cost ${est['cost_usd']:.4f} (at most ${est['cost_usd_max']:.4f})" if est["priced"]
+                    else "cost unknown: set price_in_per_mtok / price_out_per_mtok")
+        print(msg)
+        out["captions"][mllm] = line
+        cap_texts |= {rows[k].get("caption") or "" for k in ok}
+    if what in ("features", "report") and settings.task != "images":
+        tf = text_stage(settings)
+        sc = store.stage(tf.name, tf.key)
+        have = {r["item_key"] for r in sc.rows() if r["ok"]} if sc.part_paths() else set()
+        keys = {tokens_item_key(r["tokens"]) if "tags" in r else sentence_item_key(r) for r in records}
+        keys |= {caption_item_key(t) for t in cap_texts if t}
+        n_new = len(keys - have)
+        print(f"  text_features [{tf.key}]: {len(keys)} items known now, {len(keys) - n_new} cached, {n_new} new"
+              + (" (captions still to be made add theirs)" if any(v["new"] for v in out["captions"].values()) else ""))
+        out["text_features"] = {"items": len(keys), "new": n_new}
+    return out
+
+
 def shipped_sources(settings: Settings) -> list[str]:
     from stages.data import get_task
 

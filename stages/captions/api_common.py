@@ -277,6 +277,9 @@ class ApiCaptioner(PromptedCaptioner):
         "concurrency": 8, "rpm": 0, "tpm": 0, "timeout": 60.0, "max_attempts": 8, "backoff_base": 0.5,
         "backoff_max": 30.0, "max_tokens": 512, "temperature": 0.0, "top_p": None, "seed": 1234,
         "est_tokens": 1500, "price_in_per_mtok": 0.0, "price_out_per_mtok": 0.0,
+        # --dry-run: output tokens per caption when no item of this key has been captioned yet
+        # (CAMIM's captions, in the MiniLM tokenizer: BLIP-2 ~13, QwenVL-Plus ~38, MiniCPM-V ~90)
+        "est_output_tokens": 120,
     }
 
     def __init__(self, arg: str, settings):
@@ -303,6 +306,33 @@ class ApiCaptioner(PromptedCaptioner):
     @property
     def default_batch_size(self) -> int:  # type: ignore[override]
         return max(64, 32 * int(self.conf["concurrency"]))
+
+    def image_tokens(self, path: str | None) -> int:
+        """Input tokens of one image: Qwen-VL models (DashScope, and Qwen2-VL behind vLLM) spend one
+        token per 28x28 patch of the resized image, between 4 and 1280, plus 2 markers."""
+        import math
+
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:  # the header only
+                w, h = im.size
+        except (OSError, ValueError, TypeError):
+            return 0
+        return min(max(math.ceil(w / 28) * math.ceil(h / 28), 4), 1280) + 2
+
+    def estimate(self, items: list[dict], measured_out: float | None = None) -> dict:
+        """Tokens and cost of sending ``items`` (nothing is sent): input = image tokens + the prompt
+        (about 4 characters a token) + the chat template; output = the mean of what this key's
+        captions already used, else ``est_output_tokens``; and the bound at ``max_tokens``."""
+        tin = sum(self.image_tokens(it.get("image_path")) + len(it.get("prompt", "")) // 4 + 16 for it in items)
+        per_out = measured_out if measured_out else float(self.conf["est_output_tokens"])
+        tout = int(per_out * len(items))
+        tmax = int(self.conf["max_tokens"]) * len(items)
+        pin, pout = float(self.conf["price_in_per_mtok"]), float(self.conf["price_out_per_mtok"])
+        return {"input_tokens": tin, "output_tokens": tout, "output_tokens_max": tmax,
+                "cost_usd": (tin * pin + tout * pout) / 1e6, "cost_usd_max": (tin * pin + tmax * pout) / 1e6,
+                "output_from": "measured" if measured_out else "default", "priced": bool(pin or pout)}
 
     def model_prices(self, model: str, conf: dict) -> dict:
         """Per-model default prices (USD per million tokens); config wins."""
