@@ -222,6 +222,21 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
 
 
 @app.command()
+def export(out: str = typer.Argument(..., help="folder to write into"),
+           profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
+           mllm: str = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption source (one)"),
+           prompt: str = PromptOpt, image_dir: Optional[str] = ImagesOpt, on_error: str = OnErrorOpt,
+           fmt: str = typer.Option("camim", "--format", help="camim (dict per line, per split) | json ({img_id: caption}) | parquet (samples + pooled features, for datasets.load_dataset)"),
+           name: Optional[str] = typer.Option(None, "--name", help="file name stem (default: from the caption source)")):
+    """Captions (and pooled features) out of the cache, in CAMIM's formats or as Parquet for HF datasets."""
+    from stages.export import export as run_export
+
+    s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
+                  image_dir=image_dir, on_error=on_error)
+    _guard(run_export, s, s.mllms[0], Path(out), fmt, name)
+
+
+@app.command()
 def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to run (default: every bench/*.py)")):
     """Benchmarks (printed numbers and ratios): runs ``main()`` of each ``bench/*.py``."""
     import importlib.util
