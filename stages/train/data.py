@@ -71,6 +71,8 @@ class TrainData:
     text_levels: int = 1  # encoder levels concatenated in every word-piece vector
     # pretrained weights a head may start from, read from the cache: {"text_top": (meta, state)}
     pretrained: dict = field(default_factory=dict)
+    # the models behind the features, as they enter cache keys (hub ids with their commit sha)
+    models: dict = field(default_factory=dict)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -225,4 +227,15 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
         raise PipelineError(f"text.cut = {feats.stage.conf['cut']} but {cache.files_dir} has no top_layers; re-run features")
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
                      streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
-                     {"text_top": top} if top else {})
+                     {"text_top": top} if top else {}, model_ids(feats, captions))
+
+
+def model_ids(feats, captions) -> dict:
+    """What the run config records of its models: the text encoder and any captioning model."""
+    out = {"text": feats.stage.ref.identity}
+    ref = getattr(captions.captioner, "ref", None)
+    if ref is not None:
+        out["captions"] = ref.identity
+    elif getattr(captions.captioner, "model", None):
+        out["captions"] = f"{captions.captioner.backend}:{captions.captioner.model}"
+    return out

@@ -138,6 +138,7 @@ class NerData:
     cache_keys: dict = field(default_factory=dict)
     modalities: dict = field(default_factory=dict)
     pretrained: dict = field(default_factory=dict)  # {"text_top": (meta, state)} with text.cut > 0
+    models: dict = field(default_factory=dict)  # model identities (hub ids with their commit sha)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -196,7 +197,7 @@ def build_ner_data(settings, mllm: str) -> NerData:
     from stages.data import get_task
     from stages.features.text import caption_item_key, tokens_item_key
 
-    from .data import Ragged
+    from .data import Ragged, model_ids
 
     ds, caps, feats = chain.features(settings, [mllm])
     captions = caps[0]
@@ -242,4 +243,4 @@ def build_ner_data(settings, mllm: str) -> NerData:
                    {k: torch.tensor(v, dtype=torch.int64) for k, v in splits.items()},
                    sent, first, tags, shape, cap, levels,
                    {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key}, modalities,
-                   {"text_top": top} if top else {})
+                   {"text_top": top} if top else {}, model_ids(feats, captions))

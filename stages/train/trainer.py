@@ -247,6 +247,7 @@ def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> di
         "seed": seed,
         "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads")},
         "cache_keys": data.cache_keys,
+        "models": getattr(data, "models", {}),
         "labels": data.labels,
         "dims": data.dims,
     }
@@ -259,7 +260,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     head_cls = HEADS.get(head_name)
     data = data if data is not None else load_data(settings, mllm, head_name)
     config = run_config(settings, data, mllm, seed, conf)
-    key = key_of(config)
+    key = key_of({k: v for k, v in config.items() if k != "models"})  # models are in the cache keys already
     run_id = run_id or settings.run or f"{head_name}-{mllm.replace(':', '-').replace('/', '_')}-s{seed}-{key[:8]}"
     out_dir = settings.runs_dir / run_id
     say = (lambda *a: None) if quiet else print
