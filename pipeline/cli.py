@@ -142,13 +142,16 @@ def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
 
 HeadOpt = typer.Option(None, "--head", envvar="HEAD", help="head: cam | remote | vecmner (see stages/train HEADS); report: a comma list compares heads")
 OptOpt = typer.Option(None, "--opt", help="head/trainer option KEY=VALUE (repeatable), e.g. --opt lr=3e-4 --opt align=S")
+LogOpt = typer.Option(None, "--log", envvar="TRAIN_LOG", help="training curves: jsonl (always, runs/<id>/curves.jsonl), tensorboard (runs/<id>/tb)")
 SeedsOpt = typer.Option(None, "--seeds", envvar="SEEDS", help="comma-separated seeds (default: [train] seeds)")
 
 
-def _train_overrides(head, opt, epochs=None) -> dict:
+def _train_overrides(head, opt, epochs=None, log=None) -> dict:
     from stages.train.trainer import parse_opts
 
     over = parse_opts(opt or [])
+    if log:
+        over["log"] = log
     if head:
         over["head"] = head
     if epochs is not None:
@@ -164,14 +167,14 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
-          runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt):
+          runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt, log: Optional[str] = LogOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
                       image_dir=image_dir, runs_dir=runs_dir, prompt=prompt)
-        over = _train_overrides(head, opt, epochs)
+        over = _train_overrides(head, opt, epochs, log)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
         return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
 
@@ -194,7 +197,7 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
            device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
            runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
-           dry_run: bool = DryOpt):
+           dry_run: bool = DryOpt, log: Optional[str] = LogOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
     from stages.report import run_report
 
@@ -215,8 +218,8 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
             from stages.report.heads import run_head_comparison
 
             heads = [h.strip() for h in head.split(",") if h.strip()]
-            return run_head_comparison(s, heads, s.mllms if mllm else None, sd, _train_overrides(None, opt, epochs), name)
-        return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs), name)
+            return run_head_comparison(s, heads, s.mllms if mllm else None, sd, _train_overrides(None, opt, epochs, log), name)
+        return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs, log), name)
 
     _guard(go)
 

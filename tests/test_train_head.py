@@ -187,3 +187,37 @@ def test_a_mistyped_option_is_an_error_naming_the_known_ones():
         train_options(s, {"hiden": 64})
     with pytest.raises(PipelineError, match="for head 'vecmner'"):
         train_options(s, {"head": "vecmner", "hidden": 64})  # VEC-MNER's width is `d`
+
+
+def test_an_unknown_curve_sink_is_an_error(tmp_path):
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from stages.train.curves import Curves
+
+    with pytest.raises(PipelineError, match="unknown sink"):
+        Curves(tmp_path, "jsonl,wandb")
+    c = Curves(tmp_path, "jsonl")
+    c.step(1, 1, {"loss": 0.5}, 1e-3)
+    c.epoch(1, 1, {"val_f1": 0.4})
+    c.close()
+    assert (tmp_path / "curves.jsonl").read_text().count("\n") == 2
+
+
+def test_tensorboard_curves(tmp_path):
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stages.train.curves import Curves
+
+    c = Curves(tmp_path, "jsonl,tensorboard")
+    for s in range(1, 4):
+        c.step(s, 1, {"loss": 1.0 / s, "ce": 0.5}, 1e-3)
+    c.epoch(1, 3, {"val_f1": 0.4, "val_acc": 0.7})
+    c.close()
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert {"train/loss", "train/ce", "train/lr", "val/val_f1"} <= set(ea.Tags()["scalars"])
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3])

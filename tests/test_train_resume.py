@@ -14,7 +14,7 @@ def _train(small_source, cache, runs, kill_after=None):
         env["CAMIM_TEST_KILL_AFTER_EPOCH"] = str(kill_after)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--source", str(small_source), "--cache-dir", str(cache),
            "--runs-dir", str(runs), "--mllm", "imported:qwen", "--epochs", "4",
-           "--opt", "hidden=32", "--opt", "heads=2", "--opt", "lr=3e-3"]
+           "--opt", "hidden=32", "--opt", "heads=2", "--opt", "lr=3e-3", "--opt", "log_every=1"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
@@ -41,3 +41,8 @@ def test_killed_train_resumes_to_the_same_metrics(tmp_path, small_source):
     assert not (run_dir / "checkpoint.pt").exists()
     got = json.loads((run_dir / "metrics.json").read_text())
     assert _comparable(got) == _comparable(json.loads(ref.read_text()))
+    # the curves: each epoch once, steps in order, also across the kill
+    lines = [json.loads(x) for x in (run_dir / "curves.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if "val_f1" in x] == [1, 2, 3, 4]
+    steps = [x["step"] for x in lines if "val_f1" not in x]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) > 0

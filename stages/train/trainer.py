@@ -50,6 +50,8 @@ DEFAULTS = {
     "seeds": [1, 2, 3],
     "threads": 0,
     "bucket": 50,
+    "log": "jsonl",       # training curves: jsonl (runs/<id>/curves.jsonl) and/or tensorboard
+    "log_every": 20,      # steps between logged losses
 }
 # keys of [train] that are trainer settings, not head options
 TRAINER_KEYS = set(DEFAULTS) | {"streams"}
@@ -245,7 +247,7 @@ def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> di
         "head": conf["head"],
         "mllm": mllm,
         "seed": seed,
-        "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads")},
+        "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads", "log", "log_every")},
         "cache_keys": data.cache_keys,
         "models": getattr(data, "models", {}),
         "labels": data.labels,
@@ -311,6 +313,11 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     t0 = time.perf_counter()
     n_seen = state["n_seen"]
     train_seconds = state["train_seconds"]
+    from .curves import Curves
+
+    curves = Curves(out_dir, conf.get("log", "jsonl"), resume_epoch=state["epoch"])
+    every = max(1, int(conf.get("log_every", 20)))
+    step = state["epoch"] * steps_per_epoch
     for epoch in range(state["epoch"] + 1, epochs + 1):
         model.train()
         te = time.perf_counter()
@@ -324,14 +331,18 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
             opt.step()
             sched.step()
             n_seen += len(b["label"])
-            sums["loss"] = sums.get("loss", 0.0) + float(out["loss"].detach())
-            for k, v in out.get("aux", {}).items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            step += 1
+            vals = {"loss": float(out["loss"].detach()), **{k: float(v.detach()) for k, v in out.get("aux", {}).items()}}
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if step % every == 0:
+                curves.step(step, epoch, vals, float(sched.get_last_lr()[0]))
         train_seconds += time.perf_counter() - te
         val, _ = evaluate(model, data, "val", conf, device, amp, metrics)
         row = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}, "val_f1": val["f1"],
                "val_acc": val.get("acc"), "seconds": time.perf_counter() - te}
         history.append(row)
+        curves.epoch(epoch, step, {k: v for k, v in row.items() if k != "epoch"})
         better = val["f1"] > best_f1
         if better:
             best_f1, best_epoch = val["f1"], epoch
@@ -341,6 +352,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
         save_checkpoint(ckpt, model, opt, sched, gen, {"epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch,
                                                        "best_state": best_state, "history": history, "n_seen": n_seen,
                                                        "train_seconds": train_seconds})
+    curves.close()
     model.load_state_dict(best_state)
     results, pred_rows = {}, {"split": [], "index": [], "sample_id": [], "gold": [], "pred": [], "gold_label": [], "pred_label": []}
     for split in [s for s in ("val", "test") if s in data.splits]:
