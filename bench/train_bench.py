@@ -31,9 +31,9 @@ def _timed_steps(fn, n: int) -> list[float]:
 
 
 def _settings_from_env():
-    from pipeline.config import REPO_ROOT, Settings
+    from pipeline.config import Settings, default_cache_dir
 
-    return Settings(profile=os.environ.get("PROFILE", "offline"), cache_dir=os.environ.get("CACHE_DIR", str(REPO_ROOT / "cache")),
+    return Settings(profile=os.environ.get("PROFILE", "offline"), cache_dir=os.environ.get("CACHE_DIR") or default_cache_dir(),
                     task=os.environ.get("TASK", "mnre"), source=os.environ.get("MNRE_SOURCE") or None,
                     device=os.environ.get("DEVICE", "auto"))
 

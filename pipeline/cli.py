@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .config import REPO_ROOT, Settings
+from .config import Settings
 from .errors import PipelineError
 from .progress import setup_logging
 
@@ -244,7 +244,9 @@ def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to 
     """Benchmarks (printed numbers and ratios): runs ``main()`` of each ``bench/*.py``."""
     import importlib.util
 
-    found = {p.stem: p for p in sorted((REPO_ROOT / "bench").glob("*.py")) if not p.name.startswith("_")}
+    import bench as bench_pkg
+
+    found = {p.stem: p for p in sorted(Path(bench_pkg.__file__).parent.glob("*.py")) if not p.name.startswith("_")}
     unknown = [n for n in names or [] if n not in found]
     if unknown:
         typer.echo(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}", err=True)

@@ -12,6 +12,20 @@ from .errors import PipelineError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+_PACKAGED = Path(__file__).resolve().parent / "_assets"  # what a wheel carries (setup.py copies it in)
+_IN_CHECKOUT = {"prompts": REPO_ROOT / "prompts", "sample": REPO_ROOT / "data" / "sample"}
+
+
+def asset_dir(name: str) -> Path:
+    """``prompts`` or ``sample``: the checkout's folder, or the copy an installed wheel carries."""
+    here = _IN_CHECKOUT[name]
+    return here if here.is_dir() else _PACKAGED / name
+
+
+def home() -> Path:
+    """Where cache/, runs/ and reports/ go by default: ``CAMIM_HOME``, else the current folder
+    (never the installed package)."""
+    return Path(os.environ.get("CAMIM_HOME") or os.getcwd())
 
 
 def load_profile(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
@@ -58,16 +72,16 @@ def _env_path(names: tuple[str, ...], default: Path) -> Path:
 
 
 def default_cache_dir() -> Path:
-    return _env_path(("CACHE_DIR",), REPO_ROOT / "cache")
+    return _env_path(("CACHE_DIR",), home() / "cache")
 
 
 def default_runs_dir() -> Path:
     # CAMIM_RUNS_DIR / CAMIM_REPORTS_DIR: older names, still read
-    return _env_path(("RUNS_DIR", "CAMIM_RUNS_DIR"), REPO_ROOT / "runs")
+    return _env_path(("RUNS_DIR", "CAMIM_RUNS_DIR"), home() / "runs")
 
 
 def default_reports_dir() -> Path:
-    return _env_path(("REPORTS_DIR", "CAMIM_REPORTS_DIR"), REPO_ROOT / "reports")
+    return _env_path(("REPORTS_DIR", "CAMIM_REPORTS_DIR"), home() / "reports")
 
 
 @dataclass

@@ -13,13 +13,13 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT
+from pipeline.config import asset_dir
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
 
 from .base import Captioner
 
-PROMPT_DIR = REPO_ROOT / "prompts"
+PROMPT_DIR = asset_dir("prompts")
 FIELDS = ("sentence", "head", "tail")
 
 

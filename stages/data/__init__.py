@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import Settings, asset_dir
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of, sha256_file, sha256_text
 from pipeline.paths import PathEscape, confine
@@ -23,7 +23,7 @@ from pipeline.store import Store, atomic_write_json, atomic_write_table
 
 log = logging.getLogger("camim")
 
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+SAMPLE_DIR = asset_dir("sample")
 
 TASKS = Registry("task")
 TASKS.add("mnre", "stages.data.mnre:MnreTask")

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import Settings, asset_dir
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 from pipeline.store import atomic_write_bytes
@@ -25,7 +25,7 @@ from .readers import ReadResult, read_mnre, read_rel2id
 log = logging.getLogger("camim")
 
 SPLITS = ("train", "val", "test")
-SAMPLE = REPO_ROOT / "data" / "sample" / "mnre"
+SAMPLE = asset_dir("sample") / "mnre"
 
 _MNRE = "https://raw.githubusercontent.com/thecharm/MNRE/main/mnre_txt/"
 _CAMIM = "https://raw.githubusercontent.com/zefanZhang-cn/CAMIM/main/CAMIM/data/"

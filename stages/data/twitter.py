@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import Settings, asset_dir
 from pipeline.errors import InputError, PipelineError
 
 from .readers import LineError, ReadResult, check_image_name, text_lines
@@ -152,7 +152,7 @@ class TwitterTask:
 
     def source_dir(self, settings: Settings) -> Path:
         if not settings.source:
-            return REPO_ROOT / "data" / "sample" / f"twitter{self.year}"
+            return asset_dir("sample") / f"twitter{self.year}"
         path = Path(settings.source)
         if not path.is_dir():
             raise PipelineError(f"Twitter-{self.year} source {path} is not a folder")

@@ -28,7 +28,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import Settings, asset_dir
 from pipeline.errors import InputError, PipelineError
 
 from .readers import (
@@ -41,7 +41,7 @@ from .readers import (
 )
 
 SPLITS = ("train", "val", "test")
-SAMPLE = REPO_ROOT / "data" / "sample" / "umre"
+SAMPLE = asset_dir("sample") / "umre"
 OBJ = re.compile(r"^\[OBJ(\d+)\]$")
 MAX_OBJECTS = 12
 
