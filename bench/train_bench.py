@@ -71,7 +71,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
           f"caption source {mllm}; features gathered from the cache in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
     roof = roofline(3)
     print(f"cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}; roofline measured now (torch.mm n=2048, "
-          f"{torch.get_num_threads()} threads): fp32 {roof['fp32']:.0f} GFLOP/s, bf16 {roof['bf16']:.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads): fp32 {roof['fp32']:.1f} GFLOP/s, bf16 {roof['bf16']:.1f} GFLOP/s")
 
     # 1. the real trainer, `epochs` epochs, into a throw-away runs folder
     from dataclasses import replace

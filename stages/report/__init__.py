@@ -124,8 +124,8 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     for i, (m, r) in enumerate(zip(means, rows)):
         star = "*" if (r.get("significance") or {}).get("significant") else ""
         ax.text(i, m + errs[i] + 0.5, f"{m:.1f}{star}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("test micro-F1 (%); bars: ±1 std over seeds; *: p<0.05 vs none")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("test micro-F1 (%)")
+    ax.set_title(f"{title}\nerror bars: ±1 std over seeds; *: gain over none with p < 0.05", fontsize=8)
     ax.set_ylim(0, max(means + [1]) * 1.15)
     plt.xticks(rotation=20, ha="right", fontsize=8)
     fig.tight_layout()
