@@ -9,7 +9,7 @@ export CROP_DIR TRANS_DIR CROP_INDEX
 # caption API backends (keys such as DASHSCOPE_API_KEY come from your environment as is)
 export CAPTION_CONCURRENCY CAPTION_RPM CAPTION_TPM CAPTION_TIMEOUT CAPTION_MAX_ATTEMPTS DASHSCOPE_HTTP_BASE_URL OPENAI_BASE_URL
 
-.PHONY: install test data captions ground features train eval report demo bench cache-ls cache-gc clean
+.PHONY: install test lint data captions ground features train eval report demo bench cache-ls cache-gc clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 NO_PROXY=127.0.0.1,localhost \
 	  $(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/python -m ruff check .
 
 data: install
 	$(CAMIM) data

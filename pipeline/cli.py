@@ -28,7 +28,8 @@ OnErrorOpt = typer.Option("stop", "--on-error", envvar="ON_ERROR", help="stop | 
 BatchOpt = typer.Option(None, "--batch-size", envvar="BATCH_SIZE", help="batch size (never part of a cache key)")
 DeviceOpt = typer.Option("auto", "--device", envvar="DEVICE", help="auto | cpu | cuda | cuda:N")
 ImagesOpt = typer.Option(None, "--image-dir", envvar="IMAGE_DIR", help="folder of the dataset's images")
-DryOpt = typer.Option(False, "--dry-run", envvar="DRY_RUN", help="say what would run (items total, cached, new; API tokens and cost) and stop: nothing is sent or written")
+DryOpt = typer.Option(False, "--dry-run", envvar="DRY_RUN",
+                      help="say what would run (items total, cached, new; API tokens and cost) and stop: nothing is sent or written")
 EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
 WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
 RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ of the checkout)")
@@ -229,7 +230,8 @@ def export(out: str = typer.Argument(..., help="folder to write into"),
            profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
            mllm: str = typer.Option("imported:qwen", "--mllm", envvar="MLLM", help="caption source (one)"),
            prompt: str = PromptOpt, image_dir: Optional[str] = ImagesOpt, on_error: str = OnErrorOpt,
-           fmt: str = typer.Option("camim", "--format", help="camim (dict per line, per split) | json ({img_id: caption}) | parquet (samples + pooled features, for datasets.load_dataset)"),
+           fmt: str = typer.Option("camim", "--format", help="camim (dict per line, per split) | json ({img_id: caption}) | "
+                                   "parquet (samples + pooled features, for datasets.load_dataset)"),
            name: Optional[str] = typer.Option(None, "--name", help="file name stem (default: from the caption source)")):
     """Captions (and pooled features) out of the cache, in CAMIM's formats or as Parquet for HF datasets."""
     from stages.export import export as run_export

@@ -27,5 +27,6 @@ def test_unknown_backend_and_missing_source(tmp_path, small_source):
     assert r.returncode == 2 and "unknown caption backend 'gpt9'" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(CLI + ["data", "--source", str(tmp_path / "nope"), "--cache-dir", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "is not a folder" in r.stderr
-    r = subprocess.run(CLI + ["captions", "--source", str(small_source), "--cache-dir", str(tmp_path), "--mllm", "imported:llava"], capture_output=True, text=True)
+    r = subprocess.run(CLI + ["captions", "--source", str(small_source), "--cache-dir", str(tmp_path), "--mllm", "imported:llava"],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "no imported captions named 'llava'" in r.stderr and "qwen" in r.stderr

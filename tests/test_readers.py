@@ -23,7 +23,8 @@ def test_real_sample_parses(sample_dir, rel2id):
     assert {r["label"] for r in res.rows} >= {"None", "/per/per/peer"}
 
 
-GOOD = "{'token': ['Bill', 'Cosby', 'in', 'LA'], 'h': {'name': 'Bill Cosby', 'pos': [0, 2]}, 't': {'name': 'LA', 'pos': [3, 4]}, 'img_id': 'a.jpg', 'relation': '/per/loc/place_of_residence'}"
+GOOD = ("{'token': ['Bill', 'Cosby', 'in', 'LA'], 'h': {'name': 'Bill Cosby', 'pos': [0, 2]}, 't': {'name': 'LA', 'pos': [3, 4]}, "
+        "'img_id': 'a.jpg', 'relation': '/per/loc/place_of_residence'}")
 
 BROKEN = [
     ("{'token': ['a'", "not a Python dict literal"),

@@ -250,7 +250,8 @@ class TextFeatureStage(Stage):
                         pieces.append(n - 2)  # cut off: point at the last real piece
                 out[it["item_key"]] = ItemResult(
                     it["item_key"],
-                    row={"kind": "sentence", "n_pieces": n, "truncated": truncated, "h_start": pieces[0], "h_end": pieces[1], "t_start": pieces[2], "t_end": pieces[3]},
+                    row={"kind": "sentence", "n_pieces": n, "truncated": truncated, "h_start": pieces[0], "h_end": pieces[1],
+                         "t_start": pieces[2], "t_end": pieces[3]},
                     tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
                 )
         if caps:

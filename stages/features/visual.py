@@ -182,7 +182,8 @@ def assemble_streams(settings: Settings, records: list[dict], grounding, feats: 
     meta = {"key": key, "records": n, "dim": dim, "m": m, "present": present,
             "ground": {"key": gkey, "backend": gname},
             "image_features": {"key": feats.stage.key, "label": feats.stage.label()}}
-    sc.write_spec({"stage": "image_streams", "version": STREAM_VERSION, "key_config": {k: meta[k] for k in ("ground", "image_features")} | {"records": records_fingerprint(records)},
+    key_config = {k: meta[k] for k in ("ground", "image_features")} | {"records": records_fingerprint(records)}
+    sc.write_spec({"stage": "image_streams", "version": STREAM_VERSION, "key_config": key_config,
                    "label": f"{feats.stage.label()} + {gname} crops", "rows": n})
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in out.items()}))
     atomic_write_json(sc.files_dir / "meta.json", meta)

@@ -273,7 +273,8 @@ def build_items(records: list[dict], backend, conf: dict, settings: Settings) ->
             if spec is None:
                 continue
             it.update(spec)
-            it["item_key"] = key_of({"view": view, **{k: v for k, v in spec.items() if k != "what"}, "image": it["image_key"] if backend.uses_image(view) else None})
+            spec_key = {k: v for k, v in spec.items() if k != "what"}
+            it["item_key"] = key_of({"view": view, **spec_key, "image": it["image_key"] if backend.uses_image(view) else None})
             items.append(it)
             keys[(view, rec["sample_id"])] = it["item_key"]
     return items, keys, trans

@@ -33,10 +33,14 @@ def copy_sample(tmp_path):
 
 
 @pytest.mark.parametrize("line,what", [
-    ("{'token': ['a', 'b'], 'h': {'name': '[OBJ9]', 'pos': [0, 0, 1, 1]}, 't': {'name': 'a', 'pos': [0, 1]}, 'img_id': 'horse.jpg', 'relation': 'none'}", "no box"),
-    ("{'token': ['a', 'b'], 'h': {'name': 'x', 'pos': [0, 0, 1, 1]}, 't': {'name': 'a', 'pos': [0, 1]}, 'img_id': 'horse.jpg', 'relation': 'none'}", "not [OBJk]"),
-    ("{'token': ['a', 'b'], 'h': {'name': 'b', 'pos': [0, 1]}, 't': {'name': 'a', 'pos': [0, 1]}, 'img_id': 'horse.jpg', 'relation': 'none'}", "does not match"),
-    ("{'token': ['a', 'b'], 'h': {'name': 'a', 'pos': [0, 1]}, 't': {'name': 'b', 'pos': [1, 2]}, 'img_id': 'horse.jpg', 'relation': 'couple'}", "unknown relation"),
+    ("{'token': ['a', 'b'], 'h': {'name': '[OBJ9]', 'pos': [0, 0, 1, 1]}, 't': {'name': 'a', 'pos': [0, 1]}"
+     ", 'img_id': 'horse.jpg', 'relation': 'none'}", "no box"),
+    ("{'token': ['a', 'b'], 'h': {'name': 'x', 'pos': [0, 0, 1, 1]}, 't': {'name': 'a', 'pos': [0, 1]}"
+     ", 'img_id': 'horse.jpg', 'relation': 'none'}", "not [OBJk]"),
+    ("{'token': ['a', 'b'], 'h': {'name': 'b', 'pos': [0, 1]}, 't': {'name': 'a', 'pos': [0, 1]}"
+     ", 'img_id': 'horse.jpg', 'relation': 'none'}", "does not match"),
+    ("{'token': ['a', 'b'], 'h': {'name': 'a', 'pos': [0, 1]}, 't': {'name': 'b', 'pos': [1, 2]}"
+     ", 'img_id': 'horse.jpg', 'relation': 'couple'}", "unknown relation"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, what):
     src = copy_sample(tmp_path)
