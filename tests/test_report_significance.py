@@ -55,3 +55,18 @@ def test_seed_noise_is_not_a_gain_and_a_real_gain_is():
     assert not noise["significant"] and noise["ci_low"] < 0 < noise["ci_high"]
     assert gain["significant"] and gain["ci_low"] > 0 and gain["p_value"] < 0.01
     assert gain["delta_f1"] > 0.1
+
+
+def test_one_seed_is_never_called_significant_and_seed_noise_widens_the_interval():
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 4, 400)
+    base = np.stack([re_item_counts(gold, _preds(rng, gold, 0.55), LABELS)])
+    better = np.stack([re_item_counts(gold, _preds(rng, gold, 0.80), LABELS)])
+    one = paired_bootstrap(base, better, n_boot=500)
+    assert one["ci_low"] > 0 and one["p_value"] < 0.01  # the items alone would say "real"...
+    assert not one["significant"] and not one["enough_seeds"]  # ...but training noise is unmeasured
+    # two seeds whose gains disagree: the seed level of the bootstrap sees it
+    b2 = np.stack([re_item_counts(gold, _preds(rng, gold, a), LABELS) for a in (0.55, 0.75)])
+    o2 = np.stack([re_item_counts(gold, _preds(rng, gold, a), LABELS) for a in (0.75, 0.55)])
+    mixed = paired_bootstrap(b2, o2, n_boot=1000)
+    assert not mixed["significant"] and mixed["ci_high"] - mixed["ci_low"] > 0.15

@@ -118,7 +118,7 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     sig = rows["imported:qwen"]["significance"]
     assert sig["n_seeds"] == 2 and sig["n_items"] == sum(1 for r in env_records(env) if r["split"] == "test")
     assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
-    assert "95% CI" in md and "paired bootstrap" in md
+    assert "95% CI" in md and "paired two-level bootstrap" in md
     tex = out["paths"]["tex"].read_text()
     assert "\\toprule" in tex and "QwenVL-Plus" in tex and "\\pm" in tex
 

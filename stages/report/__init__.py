@@ -23,9 +23,9 @@ from pipeline.store import atomic_write_bytes, atomic_write_json
 DISPLAY = {"none": "none (text only)", "imported:blip2": "BLIP-2", "imported:instructblip": "InstructBLIP",
            "imported:qwen": "QwenVL-Plus", "imported:minicpm": "MiniCPM-V"}
 COLS = ("acc", "precision", "recall", "f1")
-SIG_NOTE = ("ΔF1 vs none: mean over seeds of the F1 difference; 95% CI and p from a paired bootstrap over test items "
-            "(2,000 resamples, the same items for both sources and every seed; see stages/report/significance.py). "
-            "significant: p < 0.05.")
+SIG_NOTE = ("ΔF1 vs none: mean over seeds of the F1 difference; 95% CI and p from a paired two-level bootstrap over "
+            "seeds and test items (2,000 resamples, the same items for both sources; see stages/report/significance.py). "
+            "significant: p < 0.05 with at least 2 seeds; with 1 seed training noise is unmeasured and nothing is called significant.")
 
 
 def _ms(vals: list[float]) -> tuple[float, float]:
@@ -54,8 +54,9 @@ def sig_cells(sig: dict | None) -> list[str]:
     """ΔF1 [95% CI], p, and a mark: ``*`` significant at the report's alpha."""
     if not sig:
         return ["", "", "", ""]
+    verdict = "yes *" if sig["significant"] else ("no" if sig.get("enough_seeds", True) else f"n/a ({sig['n_seeds']} seed)")
     return [f"{sig['delta_f1'] * 100:+.2f}", f"[{sig['ci_low'] * 100:+.2f}, {sig['ci_high'] * 100:+.2f}]",
-            f"{sig['p_value']:.3f}", "yes *" if sig["significant"] else "no"]
+            f"{sig['p_value']:.3f}", verdict]
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:

@@ -1,21 +1,24 @@
-"""Is a caption source's gain over ``none`` real, or seed noise?
+"""Is a caption source's gain over ``none`` real, or noise?
 
-The test is a **paired bootstrap over test items, pooled over seeds** (Koehn 2004;
-Berg-Kirkpatrick et al. 2012, with the seeds averaged as in Dror et al. 2019's
-"replicability" setting):
+Two kinds of noise move a test F1: which test items there are, and how training went (the
+seed).  The test is a **two-level paired bootstrap** over seeds and test items (a
+hierarchical bootstrap; Koehn 2004 and Berg-Kirkpatrick et al. 2012 for the item level,
+Dror et al. 2019 for seeds):
 
 * both rows were trained with the same seeds and scored on the same test items;
 * each item contributes per-seed counts ``(tp, n_pred, n_gold)`` (RE: one relation;
   NER: its entities), so micro-F1 of any resample is a weighted sum of counts;
-* one resample draws N items with replacement, the SAME items for both sources and
-  every seed, and computes ΔF1 = mean over seeds of F1(source) − F1(none);
+* one resample draws S seed pairs with replacement, and N items with replacement (the
+  SAME items for both sources and every seed), and computes ΔF1 = mean over the drawn seeds
+  of F1(source) − F1(none) on the drawn items;
 * the 95% interval is the 2.5/97.5 percentiles of the resampled ΔF1;
-* the two-sided p-value is the share of resamples whose ΔF1, centred on the
-  observed one, lies at least as far from it as the observed ΔF1 lies from 0
-  (``(count + 1) / (B + 1)``, so it is never exactly 0).
+* the two-sided p-value is the share of resamples whose ΔF1, centred on the observed one,
+  lies at least as far from it as the observed ΔF1 lies from 0 (``(count + 1) / (B + 1)``).
 
-A gain is marked significant when p < ``alpha`` (0.05).  Selection never looks at
-test: each run's epoch was picked on val before this runs.
+With a single seed, training noise is not measured at all: the interval and p are still
+given (item noise only) but nothing is called significant.  A gain is significant when
+there are at least ``min_seeds`` (2) seeds and p < ``alpha`` (0.05).  Selection never looks
+at test: each run's epoch was picked on val before this runs.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def f1_of(c: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                     alpha: float = 0.05) -> dict:
+                     alpha: float = 0.05, min_seeds: int = 2) -> dict:
     """``base`` and ``other``: ``[S, N, 3]`` per-seed, per-item counts on the same items."""
     if base.shape != other.shape:
         raise ValueError(f"paired test needs the same seeds and items: {base.shape} vs {other.shape}")
@@ -76,12 +79,16 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_boot: int = 2000, se
     flat_o = other.transpose(1, 0, 2).reshape(n, s * 3).astype(np.float32)
     cb = (w @ flat_b).reshape(n_boot, s, 3).astype(np.float64)
     co = (w @ flat_o).reshape(n_boot, s, 3).astype(np.float64)
-    deltas = (f1_of(co) - f1_of(cb)).mean(1)
+    per_seed = f1_of(co) - f1_of(cb)  # [B, S]: each seed's ΔF1 on the resampled items
+    pick = rng.integers(0, s, size=(n_boot, s))  # and the seeds, resampled too
+    deltas = np.take_along_axis(per_seed, pick, axis=1).mean(1)
     lo, hi = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     extreme = int(np.sum(np.abs(deltas - diff_obs) >= abs(diff_obs)))
     p = (extreme + 1) / (n_boot + 1)
+    enough = s >= min_seeds
     return {"delta_f1": diff_obs, "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
-            "significant": bool(p < alpha), "n_items": int(n), "n_seeds": int(s), "n_boot": int(n_boot), "alpha": alpha}
+            "significant": bool(enough and p < alpha), "enough_seeds": bool(enough),
+            "n_items": int(n), "n_seeds": int(s), "n_boot": int(n_boot), "alpha": alpha}
 
 
 def load_test_counts(run_dirs: Sequence[Path], labels: Sequence[str], counts: Callable, split: str = "test") -> tuple[np.ndarray, list]:
