@@ -127,7 +127,7 @@ def test_a_full_disk_is_one_error_line_and_committed_parts_stay(tmp_path, small_
 
 
 SLOW = '''
-import sys, time, torch
+import os, sys, time, torch
 sys.path.insert(0, {repo!r})
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
@@ -138,9 +138,11 @@ class Slow(Stage):
     def key_config(self):
         return {{"op": "slow"}}
     def run(self, batch):
-        time.sleep(0.15)
         with open(sys.argv[2], "a") as f:
             f.write("".join(it["item_key"] + "\\n" for it in batch))
+        deadline = time.time() + 120
+        while not os.path.exists(sys.argv[3]) and time.time() < deadline:  # hold the key until the test says go
+            time.sleep(0.02)
         return [ItemResult(it["item_key"], row={{"x": it["x"]}}, tensors={{"v": torch.tensor([float(it["x"])])}}) for it in batch]
 
 items = [{{"item_key": f"k{{i}}", "x": i}} for i in range(60)]
@@ -156,16 +158,29 @@ def test_two_concurrent_runs_compute_each_item_once(tmp_path):
 
     from tests.helpers import REPO
 
+    import threading
+
     script = tmp_path / "slow.py"
     script.write_text(SLOW.format(repo=str(REPO)))
-    cache, log = tmp_path / "cache", tmp_path / "computed.txt"
-    a = subprocess.Popen([sys.executable, str(script), str(cache), str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache, log, go = tmp_path / "cache", tmp_path / "computed.txt", tmp_path / "go"
+    args = [str(script), str(cache), str(log), str(go)]
+    a = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not log.exists() and time.time() < deadline:  # A holds the key and is computing
+    while not log.exists() and time.time() < deadline:  # A holds the key: it has computed its first batch
         time.sleep(0.05)
-    b = subprocess.Popen([sys.executable, str(script), str(cache), str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    safety = threading.Timer(90, go.touch)  # never a hang, whatever happens
+    safety.start()
+    err_b = ""
+    for line in b.stderr:  # B reaches the lock and says it waits; only then may A go on
+        err_b += line
+        if "waiting for it" in line:
+            break
+    go.touch()
+    safety.cancel()
     out_a, err_a = a.communicate(timeout=120)
-    out_b, err_b = b.communicate(timeout=120)
+    out_b, rest = b.communicate(timeout=120)
+    err_b += rest
     assert a.returncode == 0 and b.returncode == 0, err_a + err_b
     computed = log.read_text().split()
     assert len(computed) == 60 and len(set(computed)) == 60  # every item once, between the two runs
