@@ -154,11 +154,10 @@ print(f"new {{s.done}} cached {{s.cached}}")
 def test_two_concurrent_runs_compute_each_item_once(tmp_path):
     import subprocess
     import sys
+    import threading
     import time
 
     from tests.helpers import REPO
-
-    import threading
 
     script = tmp_path / "slow.py"
     script.write_text(SLOW.format(repo=str(REPO)))
