@@ -51,6 +51,13 @@ _HELD: set[str] = set()
 _VERIFIED: set[tuple[str, int, int]] = set()
 
 
+def _tell(msg: str) -> None:
+    """One line for the user on stderr (printed, not logged: the CLI's logging writes to stderr
+    too, and the line would come twice)."""
+    log.debug(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
 class WriteError(PipelineError):
     """A write failed (disk full, read-only, permissions): what is committed stays intact."""
 
@@ -165,8 +172,7 @@ class StageCache:
                 f.seek(0)
                 who = f.read().strip() or "another process"
                 msg = f"{self.stage}/{self.key}: {who} is running this stage; waiting for it, then computing only what it left"
-                log.warning(msg)
-                print(msg, file=sys.stderr, flush=True)
+                _tell(msg)
                 fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
             f.truncate()
@@ -336,8 +342,7 @@ class StageCache:
         atomic_write_json(qdir / f"{path.stem}.why.json", {"part": path.stem, "why": why})
         msg = (f"cache: damaged part {path}: {why}; moved to {qdir}, its items will be recomputed by the next run "
                f"of the {self.stage} stage")
-        log.warning(msg)
-        print(msg, file=sys.stderr, flush=True)
+        _tell(msg)
         self._index = None
         return qdir
 

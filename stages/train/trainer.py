@@ -204,6 +204,11 @@ def evaluate(model, data, split: str, conf: dict, device, amp, metrics) -> tuple
     return metrics(data.gold(split), preds, data.labels), preds
 
 
+def fresh_progress() -> dict:
+    """Where a run without a checkpoint starts."""
+    return {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
+
+
 def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, progress: dict) -> None:
     """Everything needed to continue after the epoch just finished, written atomically."""
     doc = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
@@ -229,7 +234,7 @@ def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> dict
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: start over rather than die
         log.warning("train: checkpoint %s unreadable (%s); starting from epoch 1", path, exc)
         path.unlink(missing_ok=True)
-        return {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
+        return fresh_progress()
     model.load_state_dict(doc["model"])
     opt.load_state_dict(doc["opt"])
     sched.load_state_dict(doc["sched"])
@@ -304,7 +309,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     if force or old_key != key:
         ckpt.unlink(missing_ok=True)  # a checkpoint of another config (or --force) is never resumed
     atomic_write_json(out_dir / "config.json", {**config, "key": key, "profile": settings.conf, "source": settings.source})
-    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
+    state = fresh_progress()
     if ckpt.exists():
         state = load_checkpoint(ckpt, model, opt, sched, gen)
         say(f"train [{run_id}]: resuming after epoch {state['epoch']} from {ckpt}")
