@@ -45,7 +45,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
-from .tuned_top import TOP_OPTIONS
+from .tuned_top import TOP_OPTIONS, TopHead
 
 ALIGN = ("W&S", "W", "S")
 MI_PAIRS = ("O&G", "(O+G)&F", "T&F", "(O+G)&T", "off")
@@ -103,31 +103,31 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor
     return F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
 
 
-class CamHead(nn.Module):
+class CamHead(TopHead, nn.Module):
     dataset = "re"
     #: every option this head reads, with its default (a mistyped --opt key is an error naming these)
-    OPTIONS = {"hidden": 256, "heads": 4, "text_layers": 1, "dropout": 0.1, "cls_dropout": 0.5, "align": "W&S",
+    OPTIONS = {"hidden": 128, "heads": 2, "text_layers": 0, "dropout": 0.1, "cls_dropout": 0.5, "align": "W&S",
                "mi": "O&G", "alpha": 0.1, "tau": 1.0, **TOP_OPTIONS}
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()
-        o = dict(options or {})
-        self.align = str(o.get("align", "W&S"))
-        self.mi = str(o.get("mi", "O&G"))
+        o = {**self.OPTIONS, **(options or {})}  # one place for the defaults: OPTIONS
+        self.align = str(o["align"])
+        self.mi = str(o["mi"])
         if self.align not in ALIGN:
             raise PipelineError(f"train.align must be one of {', '.join(ALIGN)}, not {self.align!r}")
         if self.mi not in MI_PAIRS:
             raise PipelineError(f"train.mi must be one of {', '.join(MI_PAIRS)}, not {self.mi!r}")
-        self.alpha = float(o.get("alpha", 0.1))
-        self.tau = float(o.get("tau", 1.0))
-        d = int(o.get("hidden", 256))
-        heads = int(o.get("heads", 4))
-        p = float(o.get("dropout", 0.1))
+        self.alpha = float(o["alpha"])
+        self.tau = float(o["tau"])
+        d = int(o["hidden"])
+        heads = int(o["heads"])
+        p = float(o["dropout"])
         self.dims = dict(dims)
         dt = dims["sent_word"]
         self.text_in = nn.Sequential(nn.Linear(dt, d), nn.LayerNorm(d))
         layer = nn.TransformerEncoderLayer(d, heads, 2 * d, p, batch_first=True, norm_first=True)
-        n_layers = int(o.get("text_layers", 1))
+        n_layers = int(o["text_layers"])
         self.text_enc = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False) if n_layers else None
         self.sent_in = nn.Linear(dims["sent_vec"], d)
         self.has_cap_stream = "cap_word" in dims
@@ -143,27 +143,13 @@ class CamHead(nn.Module):
         self.s_only = mlp(d, d, 2 * d, p)
         self.fusion = Attention(d, heads, p)
         self.final = mlp(2 * d, d, 2 * d, p)
-        self.drop = nn.Dropout(float(o.get("cls_dropout", 0.5)))
+        self.drop = nn.Dropout(float(o["cls_dropout"]))
         # tuned top (text.cut = k > 0 and tune_top): copies of the encoder's last k layers read the
         # sentence and the caption jointly; the classifier then sees their entity-marker states as is
-        self.top = None
-        if "top_layers" in dims and bool(o.get("tune_top", True)):
-            from .tuned_top import TunedTop
-
-            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)))
-            self.top_lr = float(o.get("top_lr", 5e-5))
+        self.init_top(dims, o)
         ent_w = 4 * dt if self.top is not None else 4 * d
         self.cls = nn.Linear(ent_w + d, n_labels)
         self.d = d
-
-    def load_pretrained(self, pretrained: dict) -> None:
-        """Start the tuned top from the cached pretrained layers (the trainer calls this once)."""
-        if self.top is not None:
-            self.top.load_cached(pretrained["text_top"][1])
-
-    def lr_scales(self, lr: float) -> list[tuple[list, float]]:
-        """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
-        return [(list(self.top.parameters()), self.top_lr / lr)] if self.top is not None else []
 
     # -- streams --------------------------------------------------------------
     def _visual_tokens(self, batch, vec: str, has: str, objs: str, obj_mask: str):

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ot import barycentric, cosine_cost, sinkhorn_log
+from .tuned_top import TOP_OPTIONS, TopHead
 
 DEFAULTS = {
     "d": 256,
@@ -116,14 +117,18 @@ class MultiLevelMoE(nn.Module):
         return y, bal, g
 
 
-class RemoteHead(nn.Module):
-    OPTIONS = dict(DEFAULTS)
-    """REMOTE-lite; the batch comes from the task's dataset (``re`` for MNRE, ``umre``)."""
+class RemoteHead(TopHead, nn.Module):
+    """REMOTE-lite; the batch comes from the task's dataset (``re`` for MNRE, ``umre``).  With
+    ``text.cut = k`` > 0, copies of the encoder's last k layers read sentence and caption jointly
+    first (``TOP_OPTIONS``), and the head runs on their output (one level)."""
+
+    OPTIONS = {**DEFAULTS, **TOP_OPTIONS}
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()
-        o = {**DEFAULTS, **(options or {})}
+        o = {**self.OPTIONS, **(options or {})}
         self.o = o
+        self.init_top(dims, o)
         d = int(o["d"])
         L = int(dims.get("text_levels", 1))
         if int(dims["sent_word"]) % L:
@@ -178,6 +183,7 @@ class RemoteHead(nn.Module):
         return [torch.cat(p, 1) for p in parts], torch.cat(masks, 1), n_obj
 
     def forward(self, batch: dict) -> dict:
+        batch = self.tuned(batch, with_caption=self.cap_in is not None)
         tm = batch["sent_mask"].bool()
         B, device = tm.shape[0], tm.device
         xs = self._levels(batch["sent_word"], self.t_in)

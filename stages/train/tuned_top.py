@@ -128,6 +128,37 @@ class TunedTop(nn.Module):
         return self.run(s, s_mask), self.run(c, safe)
 
 
+class TopHead:
+    """What a head needs for a tuned top (mixed into CAM+MI, REMOTE and VEC-MNER): built from the
+    cached dims and the ``TOP_OPTIONS``, started from the cached weights, trained at ``top_lr``."""
+
+    # no class-level ``top = None``: nn.Module keeps a submodule in ``_modules``, which a class
+    # attribute would shadow
+    def init_top(self, dims: dict, o: dict) -> None:
+        self.top = None
+        if "top_layers" in dims and bool(o.get("tune_top", True)):
+            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)))
+            self.top_lr = float(o.get("top_lr", 5e-5))
+
+    def load_pretrained(self, pretrained: dict) -> None:
+        """Start the tuned top from the cached pretrained layers (the trainer calls this once)."""
+        if self.top is not None:
+            self.top.load_cached(pretrained["text_top"][1])
+
+    def lr_scales(self, lr: float) -> list[tuple[list, float]]:
+        """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
+        return [(list(self.top.parameters()), self.top_lr / lr)] if self.top is not None else []
+
+    def tuned(self, batch: dict, with_caption: bool = True) -> dict:
+        """``batch`` with ``sent_word`` (and ``cap_word``) replaced by the tuned layers' output."""
+        if self.top is None:
+            return batch
+        has_cap = with_caption and "cap_word" in batch
+        sw, cw = self.top(batch["sent_word"], batch["sent_mask"].bool(), batch["cap_word"] if has_cap else None,
+                          batch["cap_mask"].bool() if has_cap else None)
+        return {**batch, "sent_word": sw, **({"cap_word": cw} if has_cap else {})}
+
+
 def top_dims(meta: dict) -> dict:
     return {"top_layers": int(meta["layers"]), "top_heads": int(meta["heads"]), "top_ffn": int(meta["ffn"]),
             "top_eps": float(meta["eps"])}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ner import SHAPES, WordCRF
-from .tuned_top import TOP_OPTIONS
+from .tuned_top import TOP_OPTIONS, TopHead
 
 DEFAULTS = {
     "d": 256,
@@ -178,7 +178,7 @@ class LevelMix(nn.Module):
         return self.drop(self.ln(self.proj(x)))
 
 
-class VecMnerHead(nn.Module):
+class VecMnerHead(TopHead, nn.Module):
     dataset = "ner"
     OPTIONS = {**DEFAULTS, **TOP_OPTIONS}
     metrics = "stages.train.ner:ner_metrics"
@@ -189,12 +189,7 @@ class VecMnerHead(nn.Module):
         self.o = o
         d = int(o["d"])
         # tuned top (text.cut = k > 0): copies of the encoder's last k layers over the cached cut-level states
-        self.top = None
-        if "top_layers" in dims and bool(o.get("tune_top", True)):
-            from .tuned_top import TunedTop
-
-            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)))
-            self.top_lr = float(o.get("top_lr", 5e-5))
+        self.init_top(dims, o)
         self.text_in = LevelMix(int(dims["sent_word"]), int(dims.get("text_levels", 1)), d, o["dropout"], o["levels"])
         self.vis_in = None
         if dims.get("cap_word"):
@@ -222,13 +217,6 @@ class VecMnerHead(nn.Module):
     def fast_params(self) -> list[nn.Parameter]:
         return list(self.crf.parameters()) + list(self.fc.parameters())
 
-    def load_pretrained(self, pretrained: dict) -> None:
-        if self.top is not None:
-            self.top.load_cached(pretrained["text_top"][1])
-
-    def lr_scales(self, lr: float) -> list:
-        return [(list(self.top.parameters()), self.top_lr / lr)] if self.top is not None else []
-
     def _noise(self, x, mask):
         a = float(self.o["neftune"])
         if not self.training or a <= 0:
@@ -238,12 +226,8 @@ class VecMnerHead(nn.Module):
 
     def encode(self, batch: dict):
         tm = batch["sent_mask"].bool()
+        batch = self.tuned(batch, with_caption=self.vis_in is not None)
         sw = batch["sent_word"]
-        if self.top is not None:
-            has_cap = "cap_word" in batch and self.vis_in is not None
-            sw, cw = self.top(sw, tm, batch["cap_word"] if has_cap else None, batch["cap_mask"].bool() if has_cap else None)
-            if has_cap:
-                batch = {**batch, "cap_word": cw}
         t = self._noise(self.text_in(sw), tm)
         if self.lstm is not None:
             lens = tm.sum(1).clamp(min=1).cpu()
