@@ -46,6 +46,11 @@ class Stage:
     def teardown(self) -> None:
         """Free models."""
 
+    def for_workers(self, engine: str) -> None:
+        """Called once by an executor that runs copies of this stage in other processes (``engine``,
+        e.g. ``ray``), before it ships them: swap process-local shared state, such as a rate limiter,
+        for handles that every copy shares."""
+
 
 class Registry:
     """Short names → backend factories, resolved lazily from ``module:attr`` paths.

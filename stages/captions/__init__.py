@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.config import Settings
-from pipeline.runner import RunSummary, run_stage
+from pipeline.runner import RunSummary
 from pipeline.stage import Registry, Stage
 from pipeline.store import StageCache, Store
 
@@ -51,6 +51,10 @@ class CaptionStage(Stage):
 
     def setup(self) -> None:
         self.captioner.setup()
+
+    def for_workers(self, engine: str) -> None:
+        if hasattr(self.captioner, "for_workers"):
+            self.captioner.for_workers(engine)
 
     def teardown(self) -> None:
         self.captioner.teardown()
@@ -127,9 +131,8 @@ def run_captions(settings: Settings, mllm: str, records: list[dict]) -> Captions
     retry = [it for it in items if it["item_key"] in transient]
     if retry:
         log.info("captions: retrying %d item(s) that failed transiently before", len(retry))
-        run_stage(stage, retry, store, batch_size=bs, retry_failed=True, desc=f"captions {stage.label()} (retry)", unit="img")
-    cache, summary = run_stage(stage, items, store, batch_size=bs, desc=f"captions {stage.label()}", unit="img",
-                               engine=settings.engine, workers=settings.workers)
+        settings.executor.run(stage, retry, store, batch_size=bs, retry_failed=True, desc=f"captions {stage.label()} (retry)", unit="img")
+    cache, summary = settings.executor.run(stage, items, store, batch_size=bs, desc=f"captions {stage.label()}", unit="img")
     wanted = {it["item_key"] for it in items}
     _record_skipped(summary, cache, getattr(captioner, "skipped", None))
     rows = [r for r in cache.rows() if r["item_key"] in wanted]

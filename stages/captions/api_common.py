@@ -158,7 +158,7 @@ class RateLimiter:
         self._tokens = self.tpm
         self._t_tokens = clock()
 
-    def __getstate__(self):  # picklable (ENGINE=ray ships stages to actors); each copy limits alone
+    def __getstate__(self):  # picklable; a copy limits alone (Ray workers share one through on_ray)
         state = self.__dict__.copy()
         state.pop("_lock")
         return state
@@ -167,24 +167,43 @@ class RateLimiter:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def reserve(self) -> float:
+        """Book the next request slot; the seconds to wait until it (0 without an rpm limit)."""
+        if self.rpm <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + 60.0 / self.rpm
+        return slot - now
+
+    def take(self, need: float) -> float:
+        """Take ``need`` tokens if the bucket holds them (returns 0), else the seconds until it will."""
+        with self._lock:
+            self._refill()
+            if self._tokens >= need:
+                self._tokens -= need
+                return 0.0
+            return (need - self._tokens) * 60.0 / self.tpm
+
     def acquire(self, est_tokens: int = 0) -> None:
-        if self.rpm > 0:
-            with self._lock:
-                now = self._clock()
-                slot = max(now, self._next)
-                self._next = slot + 60.0 / self.rpm
-            if slot > now:
-                self._sleep(slot - now)
+        wait = self.reserve()
+        if wait > 0:
+            self._sleep(wait)
         if self.tpm > 0 and est_tokens > 0:
             need = min(float(est_tokens), self.tpm)
-            while True:
-                with self._lock:
-                    self._refill()
-                    if self._tokens >= need:
-                        self._tokens -= need
-                        return
-                    wait = (need - self._tokens) * 60.0 / self.tpm
+            while (wait := self.take(need)) > 0:
                 self._sleep(min(wait, 1.0))
+
+    def on_ray(self) -> "RateLimiter | RayRateLimiter":
+        """One limiter for every Ray worker: the bucket moves into a Ray actor, and the copies the
+        workers get ask it for their slots (so ``rpm``/``tpm`` mean the whole job, not each worker)."""
+        if self.rpm <= 0 and self.tpm <= 0:
+            return self
+        import ray
+
+        actor = ray.remote(num_cpus=0)(_LimiterActor).remote(self.rpm, self.tpm)
+        return RayRateLimiter(actor, self.rpm, self.tpm)
 
     def settle(self, estimated: int, actual: int) -> None:
         if self.tpm > 0:
@@ -196,6 +215,44 @@ class RateLimiter:
         now = self._clock()
         self._tokens = min(self.tpm, self._tokens + (now - self._t_tokens) * self.tpm / 60.0)
         self._t_tokens = now
+
+
+class _LimiterActor:
+    """The bucket of a :class:`RayRateLimiter`: books slots and tokens, never sleeps (the callers do)."""
+
+    def __init__(self, rpm: float, tpm: float):
+        self.lim = RateLimiter(rpm, tpm)
+
+    def reserve(self) -> float:
+        return self.lim.reserve()
+
+    def take(self, need: float) -> float:
+        return self.lim.take(need)
+
+    def settle(self, estimated: int, actual: int) -> None:
+        self.lim.settle(estimated, actual)
+
+
+class RayRateLimiter:
+    """A worker's handle on the job-wide bucket held by one Ray actor (see :meth:`RateLimiter.on_ray`)."""
+
+    def __init__(self, actor, rpm: float, tpm: float, sleep=time.sleep):
+        self.actor, self.rpm, self.tpm, self._sleep = actor, float(rpm), float(tpm), sleep
+
+    def acquire(self, est_tokens: int = 0) -> None:
+        import ray
+
+        wait = ray.get(self.actor.reserve.remote()) if self.rpm > 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        if self.tpm > 0 and est_tokens > 0:
+            need = min(float(est_tokens), self.tpm)
+            while (wait := ray.get(self.actor.take.remote(need))) > 0:
+                self._sleep(min(wait, 1.0))
+
+    def settle(self, estimated: int, actual: int) -> None:
+        if self.tpm > 0:
+            self.actor.settle.remote(estimated, actual)
 
 
 def counting_session_class():
@@ -363,6 +420,11 @@ class ApiCaptioner(PromptedCaptioner):
         if getattr(self, "_session", None) is not None:
             self._session.close()
             self._session = None
+
+    def for_workers(self, engine: str) -> None:
+        """Copies of this captioner are about to run in other processes: one rate limit for them all."""
+        if engine == "ray":
+            self.limiter = self.limiter.on_ray()
 
     def check_key(self) -> None:
         """Fail before any request when the key is required and absent."""
