@@ -61,10 +61,11 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     conf = train_options(settings, {"epochs": epochs})
     if int(conf["threads"]) > 0:
         torch.set_num_threads(int(conf["threads"]))
+    from camim.graph import inputs_for
     from stages.train.trainer import load_data
 
     t0 = time.perf_counter()
-    data = load_data(settings, mllm, conf["head"])
+    data = load_data(settings, mllm, conf["head"], inputs_for(settings, mllm))
     load_s = time.perf_counter() - t0
     n_train = len(data.splits["train"])
     print(f"train bench: {len(data.records)} records ({n_train} train) of {settings.source or 'the bundled sample'}, "
@@ -121,7 +122,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     tok = {k: v.to(device) for k, v in tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     cap_tok = None
     if "cap_word" in batch:  # the captions go through the encoder too
-        from stages import chain
+        from camim import chain
 
         _, caps = chain.captions(settings, [mllm])
         texts = [caps[0].for_record(r) or "" for r in recs]

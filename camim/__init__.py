@@ -33,7 +33,7 @@ def settings(profile: str = "offline", **kw) -> Settings:
 
 def features(s: Settings, mllms: list[str] | None = None):
     """data → captions → text (and, with images, visual) features; returns (dataset, captions, text features)."""
-    from stages import chain
+    from . import chain
 
     return chain.features(s, mllms)
 
@@ -42,7 +42,9 @@ def load(s: Settings, mllm: str, head: str | None = None):
     """The training data of one caption source, from the cache only (``TrainData`` / ``NerData``)."""
     from stages.train.trainer import load_data, train_options
 
-    return load_data(s, mllm, head or train_options(s)["head"])
+    from .graph import inputs_for
+
+    return load_data(s, mllm, head or train_options(s)["head"], inputs_for(s, mllm))
 
 
 def frame(s: Settings, mllm: str):
@@ -52,7 +54,7 @@ def frame(s: Settings, mllm: str):
 
     import pandas as pd
 
-    from stages.export import export
+    from .export import export
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = export(s, mllm, Path(tmp), "parquet")
@@ -63,7 +65,9 @@ def train(s: Settings, mllm: str, seed: int = 1, **options):
     """Train (or reuse) one run; ``options`` are trainer/head options (``epochs``, ``lr``, ``head``, …)."""
     from stages.train.trainer import train_one
 
-    return train_one(s, mllm, seed, options)
+    from .graph import inputs_for
+
+    return train_one(s, mllm, seed, options, inputs=inputs_for(s, mllm))
 
 
 def report(s: Settings, sources: list[str] | None = None, seeds: list[int] | None = None, name: str | None = None,
@@ -71,4 +75,7 @@ def report(s: Settings, sources: list[str] | None = None, seeds: list[int] | Non
     """The caption-model comparison; returns its rows (with significance) and the paths written."""
     from stages.report import run_report
 
-    return run_report(s, sources, seeds, options, name)
+    from .graph import resolver, shipped_sources
+
+    sources = sources or list(s.section("report").get("sources") or []) or shipped_sources(s)
+    return run_report(s, sources, resolver(s, sources), seeds, options, name)

@@ -1,4 +1,4 @@
-"""The engine: config, cache keys and store, shard IO, runner, progress, CLI.
+"""The engine: settings, the declared graph, cache keys and store, shard IO, executors, progress.
 
 Nothing in this package imports model code; stages live in ``stages/``.
 """

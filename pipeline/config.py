@@ -102,6 +102,11 @@ class Settings:
     conf: dict = field(default_factory=dict)
     runs_dir: Path = field(default_factory=default_runs_dir)
     reports_dir: Path = field(default_factory=default_reports_dir)
+    # run-time choices of the grounding stage; each beats the profile's [ground] value when set
+    ground: str | None = None
+    crop_dir: str | None = None
+    trans_dir: str | None = None
+    crop_index: str | None = None
 
     def __post_init__(self):
         self.cache_dir = Path(self.cache_dir)
@@ -112,8 +117,27 @@ class Settings:
                                 f"(RUNS_DIR) and the run inside it with --run")
         if self.on_error not in ("stop", "skip"):
             raise PipelineError(f"--on-error must be stop or skip, not {self.on_error!r}")
+        from .executors import ENGINES
+
+        if self.engine not in ENGINES:
+            raise PipelineError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        self._executor = None
         if not self.conf:
             self.conf = load_profile(self.profile)
+
+    @property
+    def executor(self):
+        """The executor every stage of this command runs on, chosen once from ``engine``/``workers``."""
+        if self._executor is None:
+            from .executors import make_executor
+
+            self._executor = make_executor(self.engine, self.workers)
+        return self._executor
+
+    def ground_overrides(self) -> dict:
+        """``[ground]`` values chosen at run time (``--ground``, ``--crop-dir``, ``--trans-dir``, ``--crop-index``)."""
+        given = {"backend": self.ground, "crop_dir": self.crop_dir, "trans_dir": self.trans_dir, "crop_index": self.crop_index}
+        return {k: v for k, v in given.items() if v}
 
     @property
     def mllms(self) -> list[str]:

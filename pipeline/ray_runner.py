@@ -19,7 +19,7 @@ import time
 
 from .errors import PipelineError
 from .progress import Progress
-from .runner import RunSummary, count, finish, is_oom, plan, process_batch
+from .runner import Executor, RunSummary, count, finish, is_oom, plan, process_batch
 from .stage import Stage
 from .store import ItemResult, StageCache, Store
 
@@ -52,23 +52,23 @@ class _StageActor:
         }
 
 
-def run_stage_ray(
-    stage: Stage,
-    items: list[dict],
-    store: Store,
-    batch_size: int = 32,
-    retry_failed: bool = False,
-    desc: str | None = None,
-    unit: str = "it",
-    workers: int | None = None,
-) -> tuple[StageCache, RunSummary]:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise PipelineError("engine ray needs Ray Data: pip install 'ray[data]' (make install does)") from None
-    with store.stage(stage.name, stage.key).lock():  # the driver holds the key; its actors write the parts
-        return _run_ray(ray, stage, items, store, batch_size, retry_failed, desc, unit, workers)
+class RayExecutor(Executor):
+    """Batches on a pool of ``workers`` Ray Data actors (``RAY_ADDRESS`` picks a cluster)."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+
+    def run(self, stage: Stage, items: list[dict], store: Store, batch_size: int = 32, retry_failed: bool = False,
+            desc: str | None = None, unit: str = "it") -> tuple[StageCache, RunSummary]:
+        try:
+            import ray
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise PipelineError("engine ray needs Ray Data: pip install 'ray[data]' (make install does)") from None
+        with store.stage(stage.name, stage.key).lock():  # the driver holds the key; its actors write the parts
+            return _run_ray(ray, stage, items, store, batch_size, retry_failed, desc, unit, self.workers)
 
 
 def _run_ray(ray, stage: Stage, items: list[dict], store: Store, batch_size: int, retry_failed: bool, desc: str | None,
@@ -85,6 +85,7 @@ def _run_ray(ray, stage: Stage, items: list[dict], store: Store, batch_size: int
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         n = max(1, int(workers or 1))
+        stage.for_workers("ray")  # e.g. one rate limiter for every actor
         ds = ray.data.from_items([{"item_key": it["item_key"], "payload": json.dumps(it, default=str)} for it in todo])
         gpus = 1 if getattr(stage, "device", "cpu").startswith("cuda") else 0
         ds = ds.map_batches(

@@ -131,30 +131,36 @@ def count(summary: RunSummary, results: list[ItemResult]) -> None:
             summary.failures[_reason(r.error)] += 1
 
 
-def run_stage(
-    stage: Stage,
-    items: list[dict],
-    store: Store,
-    batch_size: int = 32,
-    retry_failed: bool = False,
-    desc: str | None = None,
-    unit: str = "it",
-    engine: str = "local",
-    workers: int | None = None,
-) -> tuple[StageCache, RunSummary]:
-    """Run ``stage`` over ``items`` (dicts with a unique ``item_key``), resuming.
+class Executor:
+    """Runs one stage over items against the store, with item-level resume.  Chosen once per
+    command (``Settings.executor``) and handed to every stage run; concrete executors are
+    :class:`LocalExecutor` (this process) and ``ray_runner.RayExecutor`` (Ray Data actors)."""
 
-    ``engine="ray"`` runs the batches on Ray Data actors (see ``ray_runner``) with
-    the same cache, keys and resume semantics.
-    """
-    if engine == "ray":
-        from .ray_runner import run_stage_ray
+    name = "executor"
+    #: the stage runs in this process (so a stage may prefetch its to-do list here)
+    in_process = False
 
-        return run_stage_ray(stage, items, store, batch_size, retry_failed, desc, unit, workers)
-    if engine != "local":
-        raise PipelineError(f"unknown engine {engine!r} (local or ray)")
-    with store.stage(stage.name, stage.key).lock():
-        return _run_local(stage, items, store, batch_size, retry_failed, desc, unit)
+    def run(self, stage: Stage, items: list[dict], store: Store, batch_size: int = 32, retry_failed: bool = False,
+            desc: str | None = None, unit: str = "it") -> tuple[StageCache, RunSummary]:
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """Batches in this process; out of memory halves the batch and carries on."""
+
+    name = "local"
+    in_process = True
+
+    def run(self, stage: Stage, items: list[dict], store: Store, batch_size: int = 32, retry_failed: bool = False,
+            desc: str | None = None, unit: str = "it") -> tuple[StageCache, RunSummary]:
+        with store.stage(stage.name, stage.key).lock():
+            return _run_local(stage, items, store, batch_size, retry_failed, desc, unit)
+
+
+def run_stage(stage: Stage, items: list[dict], store: Store, batch_size: int = 32, retry_failed: bool = False,
+              desc: str | None = None, unit: str = "it") -> tuple[StageCache, RunSummary]:
+    """Run ``stage`` over ``items`` (dicts with a unique ``item_key``) in this process, resuming."""
+    return LocalExecutor().run(stage, items, store, batch_size, retry_failed, desc, unit)
 
 
 def _run_local(stage: Stage, items: list[dict], store: Store, batch_size: int, retry_failed: bool, desc: str | None,

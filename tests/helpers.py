@@ -31,3 +31,11 @@ def save_tiny_bert(path: Path, layers: int = 1) -> Path:
                          intermediate_size=32, max_position_embeddings=160)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def train(settings, mllm: str, seed: int, overrides: dict | None = None, **kw):
+    """``train_one`` on the inputs the application's graph resolves for ``mllm`` (as ``camim train`` does)."""
+    from camim.graph import inputs_for
+    from stages.train.trainer import train_one
+
+    return train_one(settings, mllm, seed, overrides, inputs=inputs_for(settings, mllm), **kw)

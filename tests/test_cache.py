@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
+from camim import chain
 from pipeline.config import Settings
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
 from pipeline.store import ItemResult, Store
-from stages import chain
 from stages.captions import CAPTIONERS
 from stages.captions.base import Captioner
 
@@ -136,7 +136,7 @@ def test_uncommitted_files_are_ignored_and_collected(tmp_path):
 def test_cache_ls_and_gc_cli(tmp_path, small_source):
     env_cache = str(tmp_path / "cache")
     _run(tmp_path, small_source, "imported:qwen,imported:blip2")
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "camim.cli"]
     ls = subprocess.run(cli + ["cache", "ls", "--cache-dir", env_cache], capture_output=True, text=True, check=True)
     assert "imported:qwen" in ls.stdout and "text_features" in ls.stdout and "total" in ls.stdout
     # keep only qwen: blip2's captions become unreachable
@@ -158,7 +158,7 @@ def _fake_run(runs_dir, run_id, stage, key):
 
 def test_gc_keeps_runs_of_the_runs_folder_in_effect_and_of_keep_runs(tmp_path, small_source):
     """gc reads one runs folder (--runs-dir / RUNS_DIR) plus each --keep-runs folder, nothing else."""
-    from stages.gc import collect, live_keys
+    from camim.gc import collect, live_keys
 
     _, caps, _ = _run(tmp_path, small_source, "imported:qwen,imported:blip2")
     blip_key = caps[1].cache.key
@@ -178,7 +178,7 @@ def test_gc_keeps_runs_of_the_runs_folder_in_effect_and_of_keep_runs(tmp_path, s
 def test_a_run_id_with_a_path_is_an_error(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from camim.cli import app
 
     r = CliRunner().invoke(app, ["train", "--run", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2 and "is a run id, not a path" in r.output

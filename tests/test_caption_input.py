@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 
 
 def _caps(small_source, tmp_path, extra_lines: dict[int, str]):

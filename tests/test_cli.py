@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "camim.cli"]
 
 
 def test_bad_line_is_reported_with_file_and_line(tmp_path, small_source):

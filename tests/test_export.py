@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 
 
 def _cli(*args):
@@ -19,8 +19,8 @@ def _captions_key(cache, source, mllm):
 
 
 def test_export_then_import_round_trips(tmp_path, small_source):
+    from camim import chain
     from pipeline.config import Settings
-    from stages import chain
 
     cache, a, b = tmp_path / "c", tmp_path / "a", tmp_path / "b"
     base = ["--source", str(small_source), "--cache-dir", str(cache)]

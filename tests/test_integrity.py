@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
 from pipeline.store import ItemResult, Store

@@ -9,7 +9,7 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 def test_branch_resolves_to_the_snapshot_sha_and_unknown_is_warned(tmp_path, monkeypatch, caplog):
     from huggingface_hub import constants
 
-    from stages.features import encoders
+    from stages import encoders
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -32,7 +32,7 @@ def test_run_config_records_the_models(tmp_path, small_source):
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from camim.cli import app
 
     r = CliRunner().invoke(app, ["train", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--runs-dir",
                                  str(tmp_path / "runs"), "--mllm", "imported:qwen", "--epochs", "1", "--opt", "hidden=16",

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.store import Store
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "camim.cli"]
 
 
 def _features_cmd(source, cache):

@@ -24,7 +24,7 @@ def tiny_text_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tiny_text_model, tmp_path_factory):
     """Settings over a temp cache/runs/reports, with sentence + caption features cached."""
-    from stages import chain
+    from camim import chain
 
     root = tmp_path_factory.mktemp("camim")
     conf = merge(load_profile("offline"), {"text": {"model": str(tiny_text_model), "batch_size": 128, "cut": 0}, "train": FAST})
@@ -45,9 +45,11 @@ def no_encoder(monkeypatch):
 
 
 def test_train_writes_a_complete_run_without_any_encoder(env, no_encoder):
-    from stages.train.trainer import eval_run, train_one
+    from camim.graph import inputs_for
+    from stages.train.trainer import eval_run, run_settings
+    from tests.helpers import train
 
-    res = train_one(env, "imported:qwen", seed=7)
+    res = train(env, "imported:qwen", 7)
     d = res.dir
     m = json.loads((d / "metrics.json").read_text())
     for split in ("val", "test"):
@@ -65,19 +67,20 @@ def test_train_writes_a_complete_run_without_any_encoder(env, no_encoder):
     acc = sum(p["gold"] == p["pred"] for p in test_preds) / len(test_preds)
     assert acc == pytest.approx(m["test"]["acc"])
     # eval re-scores the saved checkpoint to the same numbers
-    again = eval_run(env, res.run_id)
+    run_dir, cfg, s2 = run_settings(env, res.run_id)
+    again = eval_run(s2, run_dir, cfg, inputs_for(s2, cfg["mllm"]))
     assert again["test"]["f1"] == pytest.approx(m["test"]["f1"]) and again["test"]["acc"] == pytest.approx(m["test"]["acc"])
     # same config again: reused, not retrained
-    assert train_one(env, "imported:qwen", seed=7).reused
+    assert train(env, "imported:qwen", 7).reused
 
 
 def test_seeded_runs_repeat_and_seeds_differ(env, no_encoder):
-    from stages.train.trainer import train_one
+    from tests.helpers import train
 
     over = {"epochs": 1}
-    a = train_one(env, "none", 3, over, run_id="rep-a")
-    b = train_one(env, "none", 3, over, run_id="rep-b")
-    c = train_one(env, "none", 4, over, run_id="rep-c")
+    a = train(env, "none", 3, over, run_id="rep-a")
+    b = train(env, "none", 3, over, run_id="rep-b")
+    c = train(env, "none", 4, over, run_id="rep-c")
     assert a.metrics["history"][0]["loss"] == pytest.approx(b.metrics["history"][0]["loss"], rel=1e-4)
     assert a.metrics["history"][0]["loss"] != pytest.approx(c.metrics["history"][0]["loss"], rel=1e-6)
     assert a.metrics["modalities"]["caption"] is None
@@ -85,9 +88,9 @@ def test_seeded_runs_repeat_and_seeds_differ(env, no_encoder):
 
 def test_a_registered_stream_reaches_the_head(env, no_encoder):
     from stages.train import STREAMS
-    from stages.train.trainer import train_one
+    from tests.helpers import train
 
-    def fake_images(settings, records):
+    def fake_images(settings, records, inputs):
         g = torch.Generator().manual_seed(0)
         n = len(records)
         return {"img_vec": torch.randn(n, 8, generator=g), "has_img": torch.arange(n) % 3 != 0,
@@ -96,7 +99,7 @@ def test_a_registered_stream_reaches_the_head(env, no_encoder):
 
     STREAMS.add("fake", fake_images)
     try:
-        res = train_one(env, "none", 1, {"epochs": 1}, run_id="with-images")
+        res = train(env, "none", 1, {"epochs": 1}, run_id="with-images")
     finally:
         STREAMS._entries.pop("fake")
     assert res.metrics["modalities"]["image"] is True and res.metrics["modalities"]["objects"] is True
@@ -104,9 +107,11 @@ def test_a_registered_stream_reaches_the_head(env, no_encoder):
 
 
 def test_report_writes_table_chart_and_configs(env, no_encoder):
+    from camim.graph import resolver
     from stages.report import run_report
 
-    out = run_report(env, ["none", "imported:qwen"], [1, 2], {"epochs": 1}, name="t")
+    sources = ["none", "imported:qwen"]
+    out = run_report(env, sources, resolver(env, sources), [1, 2], {"epochs": 1}, name="t")
     md = out["paths"]["md"].read_text()
     assert "| MLLM | CapLen | Acc | P | R | F1 |" in md and "QwenVL-Plus" in md and "text_features" in md
     assert out["paths"]["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -132,7 +137,7 @@ def env_records(s):
 def test_eval_of_a_missing_run_is_a_clear_error(env):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from camim.cli import app
 
     r = CliRunner().invoke(app, ["eval", "--run", "no-such-run", "--cache-dir", str(env.cache_dir)])
     assert r.exit_code == 2 and "not a finished run" in r.output

@@ -12,7 +12,7 @@ def _train(small_source, cache, runs, kill_after=None):
     env = dict(os.environ)
     if kill_after:
         env["CAMIM_TEST_KILL_AFTER_EPOCH"] = str(kill_after)
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--source", str(small_source), "--cache-dir", str(cache),
+    cmd = [sys.executable, "-m", "camim.cli", "train", "--source", str(small_source), "--cache-dir", str(cache),
            "--runs-dir", str(runs), "--mllm", "imported:qwen", "--epochs", "4",
            "--opt", "hidden=32", "--opt", "heads=2", "--opt", "lr=3e-3", "--opt", "log_every=1"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env)

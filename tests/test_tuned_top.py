@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import Settings, load_profile, merge
+from stages.train.tuned_top import BERT_NAMES
 from tests.helpers import save_tiny_bert
 
 
@@ -30,7 +31,7 @@ def test_cut_zero_keeps_the_old_key_and_a_cut_changes_it(tiny_bert3):
 
 def test_cached_states_through_the_cached_layers_give_the_encoder_output(tmp_path, small_source, tiny_bert3):
     """cut-level states (from the cache) + the cached top layers == the frozen encoder's last layer."""
-    from stages import chain
+    from camim import chain
     from stages.features.text import TextFeatureStage, mark_tokens, sentence_item_key
     from stages.train.tuned_top import TunedTop, load_top, top_dims
 
@@ -78,8 +79,9 @@ def test_joint_reading_lets_the_sentence_read_the_caption():
 def test_train_with_the_tuned_top_reads_only_the_cache(tmp_path, small_source, tiny_bert3, monkeypatch):
     import transformers
 
-    from stages import chain
-    from stages.train.trainer import load_data, param_groups, train_one
+    import camim
+    from camim import chain
+    from stages.train.trainer import param_groups, train_one
 
     s = _settings(tmp_path, small_source, tiny_bert3, cut=2, train={"top_lr": 1e-4})
     chain.features(s)
@@ -89,7 +91,7 @@ def test_train_with_the_tuned_top_reads_only_the_cache(tmp_path, small_source, t
 
     for name in ("AutoModel", "AutoTokenizer", "BertModel"):
         monkeypatch.setattr(getattr(transformers, name), "from_pretrained", boom)
-    data = load_data(s, "imported:qwen", "cam")
+    data = camim.load(s, "imported:qwen", "cam")
     assert data.dims["top_layers"] == 2 and "cap_word" in data.dims
     res = train_one(s, "imported:qwen", 1, data=data, quiet=True)
     assert res.config["dims"]["top_layers"] == 2 and 0.0 <= res.metrics["test"]["f1"] <= 1.0
@@ -107,6 +109,7 @@ def test_train_with_the_tuned_top_reads_only_the_cache(tmp_path, small_source, t
 
 
 def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
+    from camim.graph import inputs_for
     from stages.train.ner import build_ner_data
     from stages.train.trainer import train_one
     from tests.others.test_ner_train import small_twitter
@@ -114,7 +117,35 @@ def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
     conf = merge(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
                                            "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})
     s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none", conf=conf)
-    data = build_ner_data(s, "none")
+    data = build_ner_data(s, "none", inputs_for(s, "none"))
     assert data.dims["top_layers"] == 1 and data.dims["text_levels"] == 1
     res = train_one(s, "none", 1, {"head": "vecmner"}, data=data, quiet=True)
     assert res.config["dims"]["top_layers"] == 1 and 0.0 <= res.metrics["test"]["f1"] <= 1.0
+
+
+def test_remote_reads_through_the_tuned_top():
+    """REMOTE with a cut: the tuned copies run first (joint with the caption), load the cached
+    weights, learn at top_lr, and get gradients from the REMOTE loss."""
+    from stages.train.remote import RemoteHead
+    from stages.train.trainer import param_groups
+
+    torch.manual_seed(0)
+    dims = {"sent_word": 16, "cap_word": 16, "text_levels": 1, "top_layers": 1, "top_heads": 2, "top_ffn": 32, "top_eps": 1e-12}
+    head = RemoteHead(dims, 5, {"d": 16, "heads": 2, "top_lr": 1e-4})
+    assert head.top is not None and len(head.top.layers) == 1
+    cached = {f"0.{name}.{kind}": torch.randn_like(p) for name, short in BERT_NAMES.items()
+              for kind, p in getattr(head.top.layers[0], short).named_parameters()}
+    head.load_pretrained({"text_top": ({}, cached)})
+    assert torch.equal(head.top.layers[0].q.weight, cached["0.attention.self.query.weight"])
+    b, n, m = 3, 6, 4
+    batch = {"sent_word": torch.randn(b, n, 16), "sent_mask": torch.ones(b, n, dtype=torch.bool),
+             "cap_word": torch.randn(b, m, 16), "cap_mask": torch.ones(b, m, dtype=torch.bool),
+             "h_idx": torch.tensor([0, 1, 2]), "t_idx": torch.tensor([3, 4, 5]), "label": torch.tensor([0, 1, 4])}
+    batch["cap_mask"][0, 2:] = False
+    out = head(batch)
+    out["loss"].backward()
+    assert head.top.layers[0].q.weight.grad.abs().sum() > 0 and head.top.segment.grad.abs().sum() > 0
+    lrs = sorted({g.get("lr", 1e-3) for g in param_groups(head, 0.01, 1e-3)})
+    assert lrs == [1e-4, 1e-3]
+    frozen = RemoteHead(dims, 5, {"d": 16, "heads": 2, "tune_top": False})
+    assert frozen.top is None

@@ -22,7 +22,7 @@ import unicodedata
 
 from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
-from stages.features.encoders import pick_device, pick_dtype, resolve, torch_dtype
+from stages.encoders import pick_device, pick_dtype, resolve, torch_dtype
 
 from .base import read_image_bytes
 from .prompts import PromptedCaptioner

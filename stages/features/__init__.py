@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Settings
-from pipeline.runner import RunSummary, run_stage
+from pipeline.runner import RunSummary
 from pipeline.store import StageCache, Store
 
 from .text import TextFeatureStage, caption_item, sentence_item, tokens_item
@@ -41,8 +41,8 @@ def run_text_features(settings: Settings, records: list[dict], captions: list) -
     sents.sort(key=lambda it: -len(it["tokens"]))
     cap_items = sorted(caps.values(), key=lambda it: -len(it["text"]))
     bs = settings.batch_size or int(settings.section("text").get("batch_size", 64))
-    cache, summary = run_stage(stage, sents + cap_items, Store(settings.cache_dir), batch_size=bs, desc="text features", unit="seq",
-                               engine=settings.engine, workers=settings.workers)
+    cache, summary = settings.executor.run(stage, sents + cap_items, Store(settings.cache_dir), batch_size=bs, desc="text features",
+                                           unit="seq")
     stage.write_top_layers(cache.files_dir)  # text.cut > 0: the pretrained top layers, once per key
     stage.teardown()
     return TextFeatures(cache, summary, stage)

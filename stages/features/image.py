@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pipeline.errors import PipelineError
 from pipeline.stage import Stage
 from pipeline.store import ItemResult
+from stages import encoders
 
-from . import backbones, encoders
+from . import backbones
 
 log = logging.getLogger("camim")
 

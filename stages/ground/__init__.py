@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
 from pipeline.paths import confine
-from pipeline.runner import RunSummary, run_stage
+from pipeline.runner import RunSummary
 from pipeline.stage import Registry, Stage
 from pipeline.store import ItemResult, StageCache, Store, atomic_write_bytes
 
@@ -64,11 +63,6 @@ DEFAULTS = {
 }
 
 
-# environment variables (exported by the Makefile) that override the profile's [ground],
-# so that `make features` and `make train` see the same grounding as `make ground`
-ENV = {"backend": "GROUND", "crop_dir": "CROP_DIR", "trans_dir": "TRANS_DIR", "crop_index": "CROP_INDEX"}
-
-
 def ground_conf(settings: Settings, backend: str | None = None) -> dict:
     conf = dict(DEFAULTS)
     given = settings.section("ground")
@@ -76,10 +70,7 @@ def ground_conf(settings: Settings, backend: str | None = None) -> dict:
     if unknown:
         raise PipelineError(f"[ground] unknown setting(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
     conf.update(given)
-    for k, env in ENV.items():  # run-time choices beat the profile's defaults
-        if os.environ.get(env):
-            conf[k] = os.environ[env]
-    conf.update({k: v for k, v in settings.conf.get("ground_cli", {}).items() if v})  # explicit options beat both
+    conf.update(settings.ground_overrides())  # run-time choices (--ground, --crop-dir, ...) beat the profile
     if backend:
         conf["backend"] = backend
     if int(conf["m"]) < 1:
@@ -290,8 +281,8 @@ def run_grounding(settings: Settings, records: list[dict], backend_name: str | N
     stage, conf = make_stage(settings, backend_name)
     items, keys, trans = build_items(records, stage.backend, conf, settings)
     bs = settings.batch_size or int(conf["batch_size"])
-    cache, summary = run_stage(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}", unit="item",
-                               engine=getattr(settings, "engine", "local"), workers=getattr(settings, "workers", None))
+    cache, summary = settings.executor.run(stage, items, Store(settings.cache_dir), batch_size=bs, desc=f"ground {conf['backend']}",
+                                           unit="item")
     return Grounding(cache, summary, stage, keys, trans)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
-from stages.features import encoders
+from stages import encoders
 
 from . import load_side_index
 

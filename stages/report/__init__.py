@@ -1,7 +1,7 @@
 """The caption-model comparison report (the paper's Table 2, on your data).
 
-For every caption source (default ``none`` + every shipped imported source) and
-every seed, the head is trained on cached features (finished runs are reused, so
+For every caption source (the application passes ``none`` + every shipped imported
+source by default) and every seed, the head is trained on cached features (finished runs are reused, so
 an interrupted report resumes).  ``reports/<name>.md`` / ``.html`` hold the table
 (MLLM, CapLen = mean words per caption over the dataset's unique captions, Acc,
 P, R, F1 as mean ± sample std over seeds, and the F1 gain over ``none``), a bar
@@ -20,8 +20,8 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-DISPLAY = {"none": "none (text only)", "imported:blip2": "BLIP-2", "imported:instructblip": "InstructBLIP",
-           "imported:qwen": "QwenVL-Plus", "imported:minicpm": "MiniCPM-V"}
+from .tables import DISPLAY, html_table, md_table, pct, text_table
+
 COLS = ("acc", "precision", "recall", "f1")
 SIG_NOTE = ("ΔF1 vs none: mean over seeds of the F1 difference; 95% CI and p from a paired two-level bootstrap over "
             "seeds and test items (2,000 resamples, the same items for both sources; see stages/report/significance.py). "
@@ -44,10 +44,6 @@ def summarise(source: str, runs: list, modalities: dict) -> dict:
     row["per_label_f1"] = {lab: _ms([r.metrics["test"]["per_label"][lab]["f1"] for r in runs])[0] for lab in labels}
     row["support"] = {lab: runs[0].metrics["test"]["per_label"][lab]["support"] for lab in labels}
     return row
-
-
-def pct(ms: tuple[float, float]) -> str:
-    return f"{ms[0] * 100:.2f} ± {ms[1] * 100:.2f}"
 
 
 def sig_cells(sig: dict | None) -> list[str]:
@@ -91,24 +87,6 @@ def latex_table(rows: list[dict], meta: dict) -> str:
                      f"{pm(r['test_recall'])} & {pm(r['test_f1'])} & {d} \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(lines)
-
-
-def text_table(head: list[str], rows: list[list[str]]) -> str:
-    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w[i]) for i, c in enumerate(cells))  # noqa: E731
-    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
-
-
-def md_table(head: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def html_table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
 def bar_chart(rows: list[dict], path: Path, title: str) -> None:
@@ -203,33 +181,43 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
             r["significance"] = compare(base, runs_by_source[r["source"]], labels, head)
 
 
-def run_report(settings: Settings, sources: list[str] | None = None, seeds: list[int] | None = None,
-               overrides: dict | None = None, name: str | None = None, quiet_runs: bool = False,
-               smoke: str | None = None) -> dict:
-    from stages.chain import shipped_sources
+def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
+               overrides: dict | None = None, name: str | None = None, heads: list[str] | None = None,
+               quiet_runs: bool = False, smoke: str | None = None) -> dict:
+    """The one report loop: every caption source x head x seed is trained (finished runs are reused).
+    ``resolve(source) -> inputs`` gives each source's resolved upstream outputs (``camim.graph``).
+    One head: the caption-model comparison; several (``--head cam,remote``): the head comparison."""
     from stages.train.trainer import load_data, train_one, train_options
 
     t0 = time.perf_counter()
     rconf = settings.section("report")
     conf = train_options(settings, overrides)
-    sources = sources or list(rconf.get("sources") or []) or shipped_sources(settings)
     seeds = seeds or list(rconf.get("seeds") or conf["seeds"])
-    name = name or rconf.get("name", "captions")
+    heads = heads or [conf["head"]]
     rows = []
-    runs_by_source: dict[str, list] = {}
+    runs_by: dict[tuple[str, str], list] = {}
     n_records, labels = 0, []
     for src in sources:
-        data = load_data(settings, src, conf["head"])
-        n_records, labels = len(data.records), data.labels
-        runs = []
-        for seed in seeds:
-            print(f"report: {src} seed {seed}")
-            runs.append(train_one(settings, src, seed, overrides, data=data, quiet=quiet_runs))
-        rows.append(summarise(src, runs, data.modalities))
-        runs_by_source[src] = runs
-        del data
-    add_significance(rows, runs_by_source, labels, conf["head"])
-    meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": conf["head"], "seeds": seeds,
+        for head in heads:
+            over = {**(overrides or {}), "head": head}
+            data = load_data(settings, src, head, resolve(src))
+            n_records, labels = len(data.records), data.labels
+            runs = []
+            for seed in seeds:
+                print(f"report: {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else ""))
+                runs.append(train_one(settings, src, seed, over, data=data, quiet=quiet_runs))
+            row = summarise(src, runs, data.modalities)
+            row["head"] = head
+            rows.append(row)
+            runs_by[(src, head)] = runs
+            del data
+    if len(heads) > 1:
+        from .heads import write_head_report
+
+        return write_head_report(settings, rows, heads, sources, seeds, name or f"heads-{settings.task}", t0)
+    add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0])
+    name = name or rconf.get("name", "captions")
+    meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},
             "wall_s": time.perf_counter() - t0, "alpha": 0.05, "smoke": smoke}
     paths = write_report(rows, meta, settings.reports_dir, name)

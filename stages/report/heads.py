@@ -1,7 +1,7 @@
 """Head-vs-head comparison (e.g. CAM+MI against REMOTE on MNRE).
 
-Every head is trained on the same caches with the same caption sources and seeds
-(finished runs are reused); ``reports/<name>.md`` / ``.html`` / ``.json`` hold one row
+``run_report(..., heads=[...])`` trains every head on the same caches with the same
+caption sources and seeds (finished runs are reused); ``reports/<name>.md`` / ``.html`` / ``.json`` hold one row
 per (head, caption source): test Acc, P, R, F1 as mean ± sample std over seeds, the F1
 difference to the first head with the same source, and val F1.
 """
@@ -15,33 +15,12 @@ import time
 from pipeline.config import Settings
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-from . import DISPLAY, html_table, md_table, pct, summarise, text_table
+from .tables import DISPLAY, html_table, md_table, pct, text_table
 
 
-def run_head_comparison(settings: Settings, heads: list[str], sources: list[str] | None = None, seeds: list[int] | None = None,
-                        overrides: dict | None = None, name: str | None = None) -> dict:
-    from stages.chain import shipped_sources
-    from stages.train.trainer import load_data, train_one, train_options
-
-    t0 = time.perf_counter()
-    rconf = settings.section("report")
-    conf = train_options(settings, overrides)
-    sources = sources or list(rconf.get("sources") or []) or shipped_sources(settings)
-    seeds = seeds or list(rconf.get("seeds") or conf["seeds"])
-    name = name or f"heads-{settings.task}"
-    rows = []
-    for src in sources:
-        for head in heads:
-            over = {**(overrides or {}), "head": head}
-            data = load_data(settings, src, head)
-            runs = []
-            for seed in seeds:
-                print(f"report: head {head}, {src}, seed {seed}")
-                runs.append(train_one(settings, src, seed, over, data=data))
-            row = summarise(src, runs, data.modalities)
-            row["head"] = head
-            rows.append(row)
-            del data
+def write_head_report(settings: Settings, rows: list[dict], heads: list[str], sources: list[str], seeds: list[int],
+                      name: str, t0: float) -> dict:
+    """The head-comparison page of rows that :func:`stages.report.run_report` trained."""
     head_row = ["head", "MLLM", "Acc", "P", "R", "F1", "ΔF1 vs " + heads[0], "val F1"]
     body = []
     for r in rows:

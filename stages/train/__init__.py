@@ -24,11 +24,14 @@ Three registries are the extension points (``module:attr`` strings, resolved laz
       (Acc over all samples, micro P/R/F1 over every label except ``labels[0]``).
 
 ``DATASETS`` (by task kind)
-    ``build(settings, mllm) -> TrainData`` (see :mod:`stages.train.data`): features of
-    every split, preloaded once into contiguous tensors, and ``batch(split, idx)``.
+    ``build(settings, mllm, inputs) -> TrainData`` (see :mod:`stages.train.data`): features of
+    every split, preloaded once into contiguous tensors, and ``batch(split, idx)``.  ``inputs``
+    holds the resolved upstream outputs of one caption source (``data``, ``captions``,
+    ``text_features``, ``image_streams``, ``umre_objects``): the application's graph runs the
+    upstream stages, a dataset builder never does.
 
 ``STREAMS`` (optional per-record tensor streams; the visual side plugs in here)
-    Each entry is ``provider(settings, records) -> dict[str, Tensor] | None`` where
+    Each entry is ``provider(settings, records, inputs) -> dict[str, Tensor] | None`` where
     ``records`` is the list of record dicts of the data stage (all splits, in
     manifest order) and every returned tensor has first dimension ``len(records)``.
     Return ``None`` when the stream's cache is not there (the run then simply has no

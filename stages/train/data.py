@@ -139,8 +139,8 @@ def _check_streams(name: str, out: dict, n: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_streams(settings: Settings, records: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Call every registered STREAMS provider (or those named in ``[train] streams``)."""
+def load_streams(settings: Settings, records: list[dict], inputs: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Call every registered STREAMS provider (or those named in ``[train] streams``) on the resolved inputs."""
     from . import STREAMS
 
     wanted = settings.section("train").get("streams", "auto")
@@ -148,7 +148,7 @@ def load_streams(settings: Settings, records: list[dict]) -> tuple[dict[str, tor
     out: dict[str, torch.Tensor] = {}
     keys: dict[str, str] = {}
     for name in names:
-        got = STREAMS.get(name)(settings, records)
+        got = STREAMS.get(name)(settings, records, inputs)
         if got is None:
             log.info("train: feature stream %s has no cache here; running without it", name)
             continue
@@ -160,14 +160,13 @@ def load_streams(settings: Settings, records: list[dict]) -> tuple[dict[str, tor
     return out, keys
 
 
-def build_re_data(settings: Settings, mllm: str) -> TrainData:
-    """Features of every split for one caption source ``mllm`` (``none`` = no caption)."""
-    from stages import chain
+def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
+    """Features of every split for one caption source ``mllm`` (``none`` = no caption), from the
+    resolved upstream outputs ``inputs`` (``data``, ``captions``, ``text_features``, ``image_streams``)."""
     from stages.data import get_task
     from stages.features.text import caption_item_key, sentence_item_key
 
-    ds, caps, feats = chain.features(settings, [mllm])
-    captions = caps[0]
+    ds, captions, feats = inputs["data"], inputs["captions"], inputs["text_features"]
     records = ds.records.to_pylist()
     task = get_task(settings)
     labels = task.labels(settings)
@@ -205,7 +204,7 @@ def build_re_data(settings: Settings, mllm: str) -> TrainData:
     for i, r in enumerate(records):
         splits.setdefault(r["split"], []).append(i)
     splits = {k: torch.tensor(v, dtype=torch.int64) for k, v in splits.items()}
-    streams, skeys_extra = load_streams(settings, records)
+    streams, skeys_extra = load_streams(settings, records, inputs)
     cache_keys = {"data": ds.key, "captions": captions.cache.key, "text_features": cache.key, **skeys_extra}
     uniq_caps = {captions.captioner.item_key(r): t for r, t in zip(records, texts) if t}  # per caption item (image)
     cap_words = [len(t.split()) for t in uniq_caps.values()]

@@ -190,17 +190,15 @@ class NerData:
         return out
 
 
-def build_ner_data(settings, mllm: str) -> NerData:
-    """Token features of every split for one caption source (``none`` = text only)."""
+def build_ner_data(settings, mllm: str, inputs: dict) -> NerData:
+    """Token features of every split for one caption source (``none`` = text only), from the resolved inputs."""
     from pipeline.errors import PipelineError
-    from stages import chain
     from stages.data import get_task
     from stages.features.text import caption_item_key, tokens_item_key
 
     from .data import Ragged, model_ids
 
-    ds, caps, feats = chain.features(settings, [mllm])
-    captions = caps[0]
+    ds, captions, feats = inputs["data"], inputs["captions"], inputs["text_features"]
     records = ds.records.to_pylist()
     task = get_task(settings)
     cache = feats.cache

@@ -62,6 +62,11 @@ def train_options(settings: Settings, overrides: dict | None = None) -> dict:
     An override that neither the trainer nor the chosen head knows is an error naming the known ones
     (the profile may hold options of other heads; those are not checked)."""
     conf = {**DEFAULTS, **settings.section("train"), **(overrides or {})}
+    every = set(DEFAULTS) | {"streams"} | {k for name in HEADS.names() for k in (getattr(HEADS.get(name), "OPTIONS", None) or {})}
+    typo = sorted(set(settings.section("train")) - every)
+    if typo:  # the profile may hold options of any head, but not of none
+        raise PipelineError(f"[train] unknown setting(s): {', '.join(typo)} (known: trainer {', '.join(DEFAULTS)}, or an option of a head "
+                            f"in {', '.join(HEADS.names())})")
     head_cls = HEADS.get(str(conf["head"]))
     known = set(DEFAULTS) | {"streams"} | set(getattr(head_cls, "OPTIONS", {}) or {})
     if getattr(head_cls, "OPTIONS", None) is not None:
@@ -89,7 +94,7 @@ def parse_opts(pairs: list[str]) -> dict:
 
 
 def pick_device(device: str) -> torch.device:
-    from stages.features.encoders import pick_device as _pick
+    from stages.encoders import pick_device as _pick
 
     return torch.device(_pick(device))
 
@@ -152,12 +157,14 @@ def linear_schedule(opt, total: int, warmup_frac: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def load_data(settings: Settings, mllm: str, head_name: str):
+def load_data(settings: Settings, mllm: str, head_name: str, inputs: dict):
+    """The head's training data from ``inputs``: the resolved upstream outputs of one caption source
+    (``camim.graph.train_inputs``); the trainer never runs an upstream stage itself."""
     from stages.data import get_task
 
     head_cls = HEADS.get(head_name)
     kind = getattr(head_cls, "dataset", None) or getattr(get_task(settings), "kind", "re")
-    return DATASETS.get(kind)(settings, mllm)
+    return DATASETS.get(kind)(settings, mllm, inputs)
 
 
 @dataclass
@@ -261,11 +268,15 @@ def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> di
 
 
 def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None = None, data=None,
-              run_id: str | None = None, force: bool = False, quiet: bool = False) -> RunResult:
+              run_id: str | None = None, force: bool = False, quiet: bool = False, inputs: dict | None = None) -> RunResult:
+    """Train one head on one caption source and seed: ``data`` (built) or ``inputs`` (resolved upstream outputs)."""
     conf = train_options(settings, overrides)
     head_name = conf["head"]
     head_cls = HEADS.get(head_name)
-    data = data if data is not None else load_data(settings, mllm, head_name)
+    if data is None:
+        if inputs is None:
+            raise PipelineError("train_one needs the training data or the resolved upstream outputs (camim.graph.train_inputs)")
+        data = load_data(settings, mllm, head_name, inputs)
     config = run_config(settings, data, mllm, seed, conf)
     key = key_of({k: v for k, v in config.items() if k != "models"})  # models are in the cache keys already
     run_id = run_id or settings.run or f"{head_name}-{mllm.replace(':', '-').replace('/', '_')}-s{seed}-{key[:8]}"
@@ -401,10 +412,8 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     return RunResult(run_id, out_dir, metrics_doc, config)
 
 
-def eval_run(settings: Settings, run: str) -> dict:
-    """Re-score a run's checkpoint on val and test; the cache keys must match the run's."""
-    from safetensors.torch import load_file
-
+def run_settings(settings: Settings, run: str) -> tuple[Path, dict, Settings]:
+    """A finished run's folder, its config, and the settings it was trained with."""
     run_dir = Path(run) if Path(run).is_dir() else settings.runs_dir / run
     cpath, wpath = run_dir / "config.json", run_dir / "model.safetensors"
     if not cpath.exists() or not wpath.exists():
@@ -412,9 +421,18 @@ def eval_run(settings: Settings, run: str) -> dict:
     config = json.loads(cpath.read_text())
     s = Settings(profile=settings.profile, cache_dir=settings.cache_dir, task=config["task"],
                  source=config.get("source"), device=settings.device, conf=config["profile"],
-                 runs_dir=settings.runs_dir, reports_dir=settings.reports_dir)
+                 runs_dir=settings.runs_dir, reports_dir=settings.reports_dir, mllm=config["mllm"])
+    return run_dir, config, s
+
+
+def eval_run(settings: Settings, run_dir: Path, config: dict, inputs: dict) -> dict:
+    """Re-score a run's checkpoint on val and test; the cache keys must match the run's.
+    ``settings``/``config``/``run_dir`` from :func:`run_settings`, ``inputs`` resolved for them."""
+    from safetensors.torch import load_file
+
+    cpath, wpath = run_dir / "config.json", run_dir / "model.safetensors"
     conf = {**DEFAULTS, **config["options"]}
-    data = load_data(s, config["mllm"], config["head"])
+    data = load_data(settings, config["mllm"], config["head"], inputs)
     if data.cache_keys != config["cache_keys"]:
         raise PipelineError(f"{cpath}: the cached features changed since training "
                             f"(run: {config['cache_keys']}, now: {data.cache_keys}); re-run features with the run's profile")

@@ -1,7 +1,7 @@
 """Training data for UMRE: the RE batch plus the image's visual objects.
 
-``build_umre_data(settings, mllm)`` = ``build_re_data`` (sentence, caption and any image
-streams) + per record, for each object of its image (at most 12 slots, sorted by k):
+``build_umre_data(settings, mllm, inputs)`` = ``build_re_data`` (sentence, caption and any image
+streams) + what :func:`object_streams` (the graph's ``umre_objects`` node) gives per record, for each object of its image (at most 12 slots, sorted by k):
 
   * ``obj_vec``  ``[N, 12, Di]``: the pooled image feature of the object's crop (the
     ``[image]`` backbone of the profile, EfficientNet-Lite0 offline).  Crops are cut
@@ -106,9 +106,10 @@ def object_streams(settings: Settings, records: list[dict]) -> tuple[dict[str, t
     return streams, info
 
 
-def build_umre_data(settings: Settings, mllm: str) -> TrainData:
-    data = build_re_data(settings, mllm)
-    streams, info = object_streams(settings, data.records)
+def build_umre_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
+    data = build_re_data(settings, mllm, inputs)
+    streams, info = inputs["umre_objects"]  # object_streams(), resolved once by the graph
+    info = dict(info)
     data.streams.update(streams)
     if "image_features" in info:
         data.cache_keys["umre_crops"] = info.pop("image_features")

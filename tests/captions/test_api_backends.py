@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from caption_helpers import settings
 
+from camim import chain
 from pipeline.errors import PipelineError
-from stages import chain
 
 KEY = "sk-test-0123456789abcdef"
 BACKENDS = ["dashscope:qwen-vl-plus", "openai:qwen2.5-vl-7b"]
@@ -181,7 +181,7 @@ def test_cli_captions_a_folder_against_the_fake_server(tmp_path, photos, fake_se
                CACHE_DIR=str(tmp_path / "cache"), TASK="images", MLLM="dashscope:qwen-vl-plus", PROMPT="short")
     env.pop("MNRE_SOURCE", None)
     root = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "captions", "--source", str(photos)], cwd=root, env=env,
+    p = subprocess.run([sys.executable, "-m", "camim.cli", "captions", "--source", str(photos)], cwd=root, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "6 items, 0 cached, 6 new, 0 failed" in p.stdout and "this run: tokens" in p.stdout and "6 requests sent" in p.stdout
@@ -218,7 +218,7 @@ def test_sigkill_mid_run_resumes_from_the_last_committed_batch(tmp_path, photos,
                MLLM="openai:m", BATCH_SIZE="2", CAPTION_CONCURRENCY="1")
     env.pop("MNRE_SOURCE", None)
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pipeline.cli", "captions", "--source", str(photos)]
+    cmd = [sys.executable, "-m", "camim.cli", "captions", "--source", str(photos)]
     p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     parts = []

@@ -10,7 +10,7 @@ KEY = "sk-test-dry"
 def test_captions_dry_run_counts_and_prices_and_sends_nothing(tmp_path, photos, fake_server):
     env = dict(os.environ, DASHSCOPE_HTTP_BASE_URL=fake_server.dashscope_url, DASHSCOPE_API_KEY=KEY,
                CACHE_DIR=str(tmp_path / "cache"), TASK="images", MLLM="dashscope:qwen-vl-plus")
-    cmd = [sys.executable, "-m", "pipeline.cli", "captions", "--source", str(photos)]
+    cmd = [sys.executable, "-m", "camim.cli", "captions", "--source", str(photos)]
     p = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "6 items, 0 cached, 6 new" in p.stdout and "estimated" in p.stdout and "cost $" in p.stdout
@@ -30,7 +30,7 @@ def test_captions_dry_run_counts_and_prices_and_sends_nothing(tmp_path, photos, 
 def test_features_and_report_dry_run_write_nothing(tmp_path, small_source):
     env = dict(os.environ, CACHE_DIR=str(tmp_path / "cache"), MNRE_SOURCE=str(small_source))
     for cmd in (["features", "--mllm", "imported:qwen"], ["report", "--mllm", "none,imported:qwen", "--seeds", "1,2"]):
-        p = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-m", "camim.cli", *cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         assert "text_features" in p.stdout and "new" in p.stdout
     assert "2 source(s) x 2 seed(s) = 4 runs" in p.stdout

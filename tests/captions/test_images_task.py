@@ -1,8 +1,8 @@
 import pytest
 from caption_helpers import PHOTOS, mini_mnre, settings
 
+from camim import chain
 from pipeline.errors import PipelineError
-from stages import chain
 
 
 def test_images_task_lists_a_folder(tmp_path, photos):

@@ -5,7 +5,7 @@ import pytest
 import tiny_models as tm
 from caption_helpers import PHOTOS, mini_mnre, settings
 
-from stages import chain
+from camim import chain
 from stages.features.text import caption_item_key
 
 BACKENDS = {  # backend -> builder

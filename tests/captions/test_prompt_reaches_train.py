@@ -4,7 +4,7 @@ PROMPT=short, re-uses those captions (no new item, no request to the server)."""
 from caption_helpers import mini_mnre
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 
 
 def test_train_with_the_same_prompt_reuses_the_captions(tmp_path, fake_server, monkeypatch):

@@ -20,12 +20,13 @@ def small_twitter(tmp_path, n=(16, 6, 6)):
 
 
 def test_ner_data_batches_and_trainer_run(tmp_path, monkeypatch):
+    from camim.graph import inputs_for
     from stages.train.ner import build_ner_data
     from stages.train.trainer import train_one
 
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none")
-    data = build_ner_data(s, "none")
+    data = build_ner_data(s, "none", inputs_for(s, "none"))
     assert data.dims == {"sent_word": 384, "text_levels": 1, "top_layers": 2, "top_heads": 12, "top_ffn": 1536, "top_eps": 1e-12}
     rows = data.splits["train"][:4]
     b = data.batch(rows)
@@ -43,7 +44,7 @@ def test_ner_data_batches_and_trainer_run(tmp_path, monkeypatch):
     dec = data.decode(b, fake)
     assert [len(d) for d in dec] == [len(r["tokens"]) for r in recs]
 
-    res = train_one(s, "none", 1, {"head": "vecmner", "epochs": 2, "d": 32, "heads": 2, "n_cadf": 1})
+    res = train_one(s, "none", 1, {"head": "vecmner", "epochs": 2, "d": 32, "heads": 2, "n_cadf": 1}, data=data)
     m = res.metrics
     assert set(m["test"]) >= {"precision", "recall", "f1", "per_type"} and 0.0 <= m["test"]["f1"] <= 1.0
     pred = pq.read_table(res.dir / "predictions.parquet").to_pylist()

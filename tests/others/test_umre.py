@@ -63,6 +63,7 @@ def test_box_file_is_validated(tmp_path):
 
 
 def test_object_streams_from_crops_and_boxes(tmp_path):
+    from camim.graph import inputs_for
     from stages.train.umre import SLOTS, build_umre_data
 
     src = tmp_path / "small"
@@ -72,7 +73,7 @@ def test_object_streams_from_crops_and_boxes(tmp_path):
         keep = [ln for ln in lines if "'[OBJ" in ln.split("'t'")[0]][:2] + lines[:n]  # an object head is among them
         (src / f"{split}_set.json").write_text("\n".join(keep) + "\n")
     s = Settings(task="umre", source=str(src), cache_dir=tmp_path / "c", mllm="none")
-    data = build_umre_data(s, "none")
+    data = build_umre_data(s, "none", inputs_for(s, "none"))
     assert data.modalities["objects"]["object_crops"] == data.modalities["objects"]["objects"] > 0
     assert data.dims["obj_vec"] == 1280  # EfficientNet-Lite0 pooled crop features
     i = next(i for i, r in enumerate(data.records) if r["pair"] == "object-text")

@@ -6,7 +6,7 @@ import shutil
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 
 from .conftest import SAMPLE
 from .test_ground import ground_rows

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 from stages.ground.boxes import clean_boxes, cut
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from camim.cli import app
 from pipeline.config import Settings
 
 from .conftest import SAMPLE
@@ -54,11 +54,14 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     assert res.exit_code == 0, res.output
     assert "image streams:" in res.output and "image_features" in res.output
 
+    from camim.graph import inputs_for
     from stages.train import HEADS
     from stages.train.data import build_re_data
 
-    settings = Settings(cache_dir=cache, source=str(tiny_source), image_dir=str(visual_source["images"]), mllm="none")
-    data = build_re_data(settings, "none")
+    # the environment reaches commands through their options; Python callers name the same settings
+    settings = Settings(cache_dir=cache, source=str(tiny_source), image_dir=str(visual_source["images"]), mllm="none",
+                        crop_dir=str(crops_flat), trans_dir=str(visual_source["trans"]))
+    data = build_re_data(settings, "none", inputs_for(settings, "none"))
     mods = data.modalities
     assert mods["image"] and mods["objects"] and mods["translation_image"] and mods["translation_objects"]
     s = data.streams
@@ -105,7 +108,7 @@ def test_features_then_train_batches_carry_every_image_stream(visual_source, tin
     assert 0.0 <= metrics["test"]["f1"] <= 1.0
 
     # cache gc keeps every visual entry that this run recorded or the settings reach
-    from stages.gc import live_keys
+    from camim.gc import live_keys
 
     live = live_keys(Settings(cache_dir=cache, source=str(tiny_source), mllm="none", runs_dir=settings.runs_dir), explicit_mllm=True)
     for stage in ("ground", "image_features", "image_streams"):

@@ -27,7 +27,7 @@ FORMATS = ("camim", "json", "parquet")
 
 
 def export(settings: Settings, mllm: str, out_dir: Path, fmt: str = "camim", name: str | None = None) -> list[Path]:
-    from stages import chain
+    from .graph import build, caption_node
 
     if fmt not in FORMATS:
         raise PipelineError(f"export --format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -35,9 +35,9 @@ def export(settings: Settings, mllm: str, out_dir: Path, fmt: str = "camim", nam
     name = name or mllm.replace(":", "-").replace("/", "_")
     if fmt == "parquet":
         return _features(settings, mllm, out_dir)
-    ds, caps = chain.captions(settings, [mllm])
-    records = ds.records.to_pylist()
-    c = caps[0]
+    g = build(settings, [mllm])
+    c = g.resolve(caption_node(mllm))
+    records = g.resolve("data").records.to_pylist()
     written = []
     if fmt == "json":
         seen = {}
@@ -65,12 +65,13 @@ def export(settings: Settings, mllm: str, out_dir: Path, fmt: str = "camim", nam
 def _features(settings: Settings, mllm: str, out_dir: Path) -> list[Path]:
     from stages.train.data import build_re_data
 
+    from .graph import build, train_inputs
+
     if settings.task not in ("mnre", "umre"):
         raise PipelineError(f"export --format parquet covers relation tasks (mnre, umre), not {settings.task!r}")
-    data = build_re_data(settings, mllm)
-    from stages import chain
-
-    _, caps = chain.captions(settings, [mllm])
+    inputs = train_inputs(build(settings, [mllm]), mllm)
+    data = build_re_data(settings, mllm, inputs)
+    caps = [inputs["captions"]]
     written = []
     for split, rows in data.splits.items():
         idx = rows.tolist()

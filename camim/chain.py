@@ -1,7 +1,8 @@
-"""The stage chain: each command runs its upstream stages (cached, so cheap) first.
+"""The commands of the chain, each over one graph (``camim/graph.py``) built from one Settings.
 
-The CLI in ``pipeline/cli.py`` parses options into :class:`Settings` and calls one
-function here.  Every function prints what it did and where the output went.
+The CLI in ``camim/cli.py`` parses options into :class:`Settings` and calls one function
+here (or the trainer/report with a resolver of the same graph).  Every node prints what it
+did and where its output went.
 """
 
 from __future__ import annotations
@@ -12,56 +13,46 @@ import time
 from pipeline.config import Settings
 from pipeline.progress import fmt_seconds
 
+from .graph import build, caption_node, shipped_sources, train_inputs
+
 log = logging.getLogger("camim")
 FULL_REPORT_SOURCES = ("none", "imported:qwen", "imported:minicpm", "imported:blip2", "imported:instructblip")
 
 
 def data(settings: Settings):
-    from stages.data import prepare, summary_lines
-
-    ds = prepare(settings)
-    for line in summary_lines(ds):
-        print(line)
-    return ds
+    return build(settings, []).resolve("data")
 
 
-def captions(settings: Settings, mllms: list[str] | None = None, ds=None):
-    from stages.captions import run_captions
-
-    ds = ds or data(settings)
-    records = ds.records.to_pylist()
-    out = []
-    for mllm in mllms or settings.mllms:
-        caps = run_captions(settings, mllm, records)
-        for line in caps.lines():
-            print(line)
-        print(f"  -> {caps.cache.dir}")
-        out.append(caps)
-    return ds, out
+def captions(settings: Settings, mllms: list[str] | None = None):
+    """data → captions of every source; returns (dataset, [captions per source])."""
+    mllms = list(mllms or settings.mllms)
+    g = build(settings, mllms)
+    return g.resolve("data"), [g.resolve(caption_node(m)) for m in mllms]
 
 
-def features(settings: Settings, mllms: list[str] | None = None):
-    from stages.features import run_text_features
-
-    ds, caps = captions(settings, mllms)
-    feats = run_text_features(settings, ds.records.to_pylist(), caps)
-    print(feats.summary.line())
-    print(f"  -> {feats.cache.dir}")
-    from stages.features.visual import has_images, run_visual
-
-    if has_images(settings):  # the image half: grounding crops + image features + streams
-        run_visual(settings, ds.records.to_pylist())
-    return ds, caps, feats
+def features(settings: Settings, mllms: list[str] | None = None, graph=None):
+    """data → captions → text features (and, with an image source, ground → image features → streams);
+    returns (dataset, [captions per source], text features)."""
+    mllms = list(mllms or settings.mllms)
+    g = graph or build(settings, mllms)
+    feats = g.resolve("text_features")
+    if "image_streams" in g:
+        g.resolve("image_streams")
+    return g.resolve("data"), [g.resolve(caption_node(m)) for m in mllms], feats
 
 
 def ground(settings: Settings):
+    """data → grounding crops; returns (dataset, grounding or None)."""
     from stages.ground import run_grounding, summary_lines
 
-    ds = data(settings)
-    g = run_grounding(settings, ds.records.to_pylist())
-    for line in summary_lines(g):
+    g = build(settings, [])
+    ds = g.resolve("data")
+    if "ground" in g:
+        return ds, g.resolve("ground")
+    grounding = run_grounding(settings, ds.records.to_pylist())  # `camim ground` asked for it by name
+    for line in summary_lines(grounding):
         print(line)
-    return ds, g
+    return ds, grounding
 
 
 def dry_run(settings: Settings, what: str, mllms: list[str] | None = None) -> dict:
@@ -120,25 +111,22 @@ def dry_run(settings: Settings, what: str, mllms: list[str] | None = None) -> di
     return out
 
 
-def shipped_sources(settings: Settings) -> list[str]:
-    from stages.data import get_task
-
-    return ["none"] + [f"imported:{s}" for s in get_task(settings).caption_sources(settings)]
-
-
 def demo(settings: Settings) -> float:
     """data → captions (every shipped source) → features → train + report (``[report] demo_*``) on the bundled sample."""
     from stages.report import run_report
 
     t0 = time.perf_counter()
-    features(settings, shipped_sources(settings))
+    sources = shipped_sources(settings)
+    g = build(settings, sources)
+    features(settings, sources, g)
     rconf = settings.section("report")
     seeds = [int(x) for x in rconf.get("demo_seeds", [1])]
     epochs = int(rconf.get("demo_epochs", 3))
     smoke = (f"SMOKE CHECK of the chain, not a comparison: {len(seeds)} seed(s), {epochs} epochs on the bundled sample "
              f"(300 train / 100 test samples). With one seed, training noise is unmeasured, so no difference here can be "
              f"called significant; the significance columns say so.")
-    out = run_report(settings, shipped_sources(settings), seeds, {"epochs": epochs}, name="demo", quiet_runs=True, smoke=smoke)
+    out = run_report(settings, sources, lambda m: train_inputs(g, m), seeds, {"epochs": epochs}, name="demo", quiet_runs=True,
+                     smoke=smoke)
     n_sig = sum(bool((r.get("significance") or {}).get("significant")) for r in out["rows"])
     why = " (one seed: training noise is unmeasured)" if len(seeds) < 2 else " (paired bootstrap over seeds and items, p<0.05)"
     print(f"demo: {n_sig} of {len(out['rows']) - 1} differences to 'none' are significant{why}.")

@@ -1,8 +1,8 @@
 """``camim cache gc``: keep what the current config reaches, remove the rest.
 
-Reached: the data key of the current task and source, the captions key of every
-caption source named (default: ``none`` plus every shipped one), the text-feature
-key of the current profile, and every cache key recorded by a run in the runs folder
+Reached: every key of the graph of the current settings (``camim/graph.py``: data, the
+captions of every caption source named, default ``none`` plus every shipped one, text
+features, and with an image source grounding, image features and streams), and every cache key recorded by a run in the runs folder
 in effect (``--runs-dir`` / ``RUNS_DIR``, default ``runs/``) or in a ``--keep-runs`` folder.
 Runs kept anywhere else are not seen: name their folder with ``--keep-runs``.
 Orphaned temporary files of killed runs are removed too.
@@ -17,27 +17,28 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.store import Store
 
+#: names under which runs record a cache key, when it is not the store stage's own name
+RECORDED_AS = {"stream:image": "image_streams", "umre_crops": "image_features"}
+
 
 def live_keys(settings: Settings, explicit_mllm: bool, extra_runs: list[Path] | tuple = ()) -> set[tuple[str, str]]:
-    from stages.captions import CaptionStage, make_captioner
-    from stages.chain import shipped_sources
-    from stages.data import prepare
-    from stages.features import text_stage
+    """What the graph of the current settings reaches (computed from keys: nothing runs, nothing is
+    written), what runs recorded, and what the recorded image streams were assembled from."""
+    from stages.features.visual import recorded_upstream
 
-    keys = {("data", prepare(settings, write=False).key)}  # gc never writes, least of all in a dry run
-    for mllm in settings.mllms if explicit_mllm else shipped_sources(settings):
-        keys.add(("captions", CaptionStage(make_captioner(mllm, settings)).key))
-    keys.add(("text_features", text_stage(settings).key))
+    from .graph import build, shipped_sources
+
+    keys = build(settings, settings.mllms if explicit_mllm else shipped_sources(settings)).live()
     for cfg in [c for d in (settings.runs_dir, *extra_runs) for c in Path(d).glob("*/config.json")]:
         try:
             recorded = json.loads(cfg.read_text()).get("cache_keys", {})
         except (OSError, json.JSONDecodeError):
             continue
         for stage, key in _flatten(recorded):
-            keys.add((stage, key))
-    from stages.features.visual import live_keys as visual_live_keys
-
-    keys |= visual_live_keys(settings, keys)
+            keys.add((RECORDED_AS.get(stage, stage), key))
+    for stage, key in list(keys):
+        if stage == "image_streams":
+            keys |= recorded_upstream(settings.cache_dir, key)
     return keys
 
 

@@ -1,4 +1,8 @@
-"""``camim``: the command line. Each make target is a thin call of one command here."""
+"""``camim``: the command line. Each make target is a thin call of one command here.
+
+Every option is declared once below (``*Opt``: flag, environment variable, help) and given to each
+command that runs a stage it changes; the settings are resolved once per command in this order:
+profile (with ``extends``), then environment, then the command line."""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from typing import Optional
 
 import typer
 
-from .config import Settings
-from .errors import PipelineError
-from .progress import setup_logging
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.progress import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CAMIM caption → feature-cache → train pipeline.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and clean the cache.")
@@ -32,8 +36,13 @@ DryOpt = typer.Option(False, "--dry-run", envvar="DRY_RUN",
                       help="say what would run (items total, cached, new; API tokens and cost) and stop: nothing is sent or written")
 EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
 WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
-RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ of the checkout)")
-ReportsOpt = typer.Option(None, "--reports-dir", envvar="REPORTS_DIR", help="folder of reports (default: reports/ of the checkout)")
+RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ under CAMIM_HOME or the current folder)")
+ReportsOpt = typer.Option(None, "--reports-dir", envvar="REPORTS_DIR", help="folder of reports (default: reports/ under CAMIM_HOME or the current folder)")
+# grounding choices (they change the grounding, image-feature and stream keys of every command that reads images)
+GroundOpt = typer.Option(None, "--ground", envvar="GROUND", help="imported | detector (default: the profile's [ground] backend)")
+CropDirOpt = typer.Option(None, "--crop-dir", envvar="CROP_DIR", help="HVPNeT crop folder (img_vg)")
+TransDirOpt = typer.Option(None, "--trans-dir", envvar="TRANS_DIR", help="translation (generated) images (TMR diffusion_pic)")
+CropIndexOpt = typer.Option(None, "--crop-index", envvar="CROP_INDEX", help="folder of img_vg_crops_*.json / diffusion_boxes_*.json")
 
 
 def _settings(**kw) -> Settings:
@@ -66,7 +75,7 @@ def _guard(fn, *args, **kwargs):
 def data(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
          on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt):
     """Read and validate the dataset; write its Parquet manifest of records."""
-    from stages import chain
+    from . import chain
 
     _guard(chain.data, _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error, image_dir=image_dir))
 
@@ -77,7 +86,7 @@ def captions(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
              device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
              workers: Optional[int] = WorkersOpt, dry_run: bool = DryOpt):
     """Caption every image of the dataset with MLLM (one caption per unique image)."""
-    from stages import chain
+    from . import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
                   on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
@@ -88,23 +97,28 @@ def captions(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
 def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
              mllm: str = MllmOpt, prompt: str = PromptOpt, on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt,
              device: str = DeviceOpt, image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt,
-             workers: Optional[int] = WorkersOpt, dry_run: bool = DryOpt):
-    """Cache text features of sentences and captions (runs data and captions first)."""
-    from stages import chain
+             workers: Optional[int] = WorkersOpt, dry_run: bool = DryOpt,
+             ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
+             crop_index: Optional[str] = CropIndexOpt):
+    """Cache text features of sentences and captions (runs data and captions first); with images, also
+    grounding crops, image features and the image streams."""
+    from . import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
-                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers)
+                  on_error=on_error, batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers,
+                  ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
     _guard(chain.dry_run, s, "features") if dry_run else _guard(chain.features, s)
 
 
 @app.command()
 def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
-         runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt):
+         runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
+         engine: str = EngineOpt, workers: Optional[int] = WorkersOpt):
     """The whole chain on the bundled real MNRE sample; prints this and the previous run's time."""
-    from stages import chain
+    from . import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, batch_size=batch_size, device=device, runs_dir=runs_dir,
-                  reports_dir=reports_dir)
+                  reports_dir=reports_dir, prompt=prompt, engine=engine, workers=workers)
     s.source = None
     os.environ.pop("MNRE_SOURCE", None)
     took = _guard(chain.demo, s)
@@ -126,18 +140,15 @@ def _not_built(stage: str, issue: str) -> None:
 @app.command()
 def ground(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = TaskOpt, source: Optional[str] = SourceOpt,
            on_error: str = OnErrorOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
-           image_dir: Optional[str] = ImagesOpt,
-           ground_: Optional[str] = typer.Option(None, "--ground", envvar="GROUND", help="imported | detector (default: the profile's [ground] backend)"),
-           crop_dir: Optional[str] = typer.Option(None, "--crop-dir", envvar="CROP_DIR", help="HVPNeT crop folder (img_vg)"),
-           trans_dir: Optional[str] = typer.Option(None, "--trans-dir", envvar="TRANS_DIR", help="translation (generated) images (TMR diffusion_pic)"),
-           crop_index: Optional[str] = typer.Option(None, "--crop-index", envvar="CROP_INDEX", help="folder of img_vg_crops_*.json / diffusion_boxes_*.json")):
+           image_dir: Optional[str] = ImagesOpt, engine: str = EngineOpt, workers: Optional[int] = WorkersOpt,
+           ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
+           crop_index: Optional[str] = CropIndexOpt):
     """Visual-grounding crops: top-m objects per sample (image and translation image)."""
-    from stages import chain
+    from . import chain
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, on_error=on_error,
-                  batch_size=batch_size, device=device, image_dir=image_dir)
-    over = {"backend": ground_, "crop_dir": crop_dir, "trans_dir": trans_dir, "crop_index": crop_index}
-    s.conf["ground_cli"] = {k: v for k, v in over.items() if v}
+                  batch_size=batch_size, device=device, image_dir=image_dir, engine=engine, workers=workers,
+                  ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
     _guard(chain.ground, s)
 
 
@@ -168,16 +179,23 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
           run: Optional[str] = typer.Option(None, "--run", envvar="RUN", help="run id (default: derived from the config)"),
           force: bool = typer.Option(False, "--force", help="retrain even if this exact run exists"),
           device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
-          runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt, log: Optional[str] = LogOpt):
+          runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt, log: Optional[str] = LogOpt,
+          engine: str = EngineOpt, workers: Optional[int] = WorkersOpt,
+          ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
+          crop_index: Optional[str] = CropIndexOpt):
     """Train a head on cached features only (runs the cached upstream stages first); writes runs/<run-id>/."""
     from stages.train.trainer import train_one, train_options
 
+    from .graph import inputs_for
+
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, run=run, device=device, on_error=on_error,
-                      image_dir=image_dir, runs_dir=runs_dir, prompt=prompt)
+                      image_dir=image_dir, runs_dir=runs_dir, prompt=prompt, engine=engine, workers=workers,
+                      ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
         over = _train_overrides(head, opt, epochs, log)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
-        return train_one(s, s.mllms[0] if s.mllms else "none", sd, over, force=force)
+        src = s.mllms[0] if s.mllms else "none"
+        return train_one(s, src, sd, over, force=force, inputs=inputs_for(s, src))
 
     _guard(go)
 
@@ -186,9 +204,15 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
 def eval_(run: str = typer.Option(..., "--run", envvar="RUN", help="run id under the runs folder, or a run folder"),
           profile: str = ProfileOpt, cache_dir: str = CacheOpt, device: str = DeviceOpt, runs_dir: Optional[str] = RunsOpt):
     """Re-score a trained checkpoint on val and test (writes metrics-eval.json beside it)."""
-    from stages.train.trainer import eval_run
+    from stages.train.trainer import eval_run, run_settings
 
-    _guard(lambda: eval_run(_settings(profile=profile, cache_dir=cache_dir, device=device, runs_dir=runs_dir), run))
+    from .graph import inputs_for
+
+    def go():
+        run_dir, config, s = run_settings(_settings(profile=profile, cache_dir=cache_dir, device=device, runs_dir=runs_dir), run)
+        return eval_run(s, run_dir, config, inputs_for(s, config["mllm"]))
+
+    _guard(go)
 
 
 @app.command()
@@ -198,29 +222,33 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            opt: Optional[list[str]] = OptOpt, name: Optional[str] = typer.Option(None, "--name", envvar="REPORT", help="report name"),
            device: str = DeviceOpt, on_error: str = OnErrorOpt, image_dir: Optional[str] = ImagesOpt,
            runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
-           dry_run: bool = DryOpt, log: Optional[str] = LogOpt):
-    """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png}."""
+           dry_run: bool = DryOpt, log: Optional[str] = LogOpt, engine: str = EngineOpt, workers: Optional[int] = WorkersOpt,
+           ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
+           crop_index: Optional[str] = CropIndexOpt):
+    """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png,tex,json}.
+    A comma list of heads (--head cam,remote) compares the heads on the same caches, sources and seeds."""
     from stages.report import run_report
+    from stages.train.trainer import train_options
+
+    from . import chain
+    from .graph import resolver, shipped_sources
 
     def go():
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
-                      image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir, prompt=prompt)
+                      image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir, prompt=prompt, engine=engine, workers=workers,
+                      ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
         sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        heads = [h.strip() for h in (head or "").split(",") if h.strip()]
+        over = _train_overrides(heads[0] if len(heads) == 1 else None, opt, epochs, log)
+        srcs = s.mllms if mllm else (list(s.section("report").get("sources") or []) or shipped_sources(s))
         if dry_run:
-            from stages import chain
-            from stages.train.trainer import train_options
-
-            srcs = s.mllms if mllm else (list(s.section("report").get("sources") or []) or chain.shipped_sources(s))
-            n_seeds = len(sd or s.section("report").get("seeds") or train_options(s, _train_overrides(head, opt, epochs))["seeds"])
+            n_seeds = len(sd or s.section("report").get("seeds") or train_options(s, over)["seeds"])
             chain.dry_run(s, "report", srcs)
-            print(f"  train: {len(srcs)} source(s) x {n_seeds} seed(s) = {len(srcs) * n_seeds} runs (finished ones are reused)")
+            hx = f" x {len(heads)} heads" if len(heads) > 1 else ""
+            print(f"  train: {len(srcs)} source(s){hx} x {n_seeds} seed(s) = {len(srcs) * max(1, len(heads)) * n_seeds} runs "
+                  "(finished ones are reused)")
             return None
-        if head and "," in head:  # HEAD=cam,remote: head-vs-head on the same caches, sources and seeds
-            from stages.report.heads import run_head_comparison
-
-            heads = [h.strip() for h in head.split(",") if h.strip()]
-            return run_head_comparison(s, heads, s.mllms if mllm else None, sd, _train_overrides(None, opt, epochs, log), name)
-        return run_report(s, s.mllms if mllm else None, sd, _train_overrides(head, opt, epochs, log), name)
+        return run_report(s, srcs, resolver(s, srcs), sd, over, name, heads=heads if len(heads) > 1 else None)
 
     _guard(go)
 
@@ -234,7 +262,7 @@ def export(out: str = typer.Argument(..., help="folder to write into"),
                                    "parquet (samples + pooled features, for datasets.load_dataset)"),
            name: Optional[str] = typer.Option(None, "--name", help="file name stem (default: from the caption source)")):
     """Captions (and pooled features) out of the cache, in CAMIM's formats or as Parquet for HF datasets."""
-    from stages.export import export as run_export
+    from .export import export as run_export
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm, prompt=prompt,
                   image_dir=image_dir, on_error=on_error)
@@ -264,8 +292,8 @@ def bench(names: Optional[list[str]] = typer.Argument(None, help="benchmarks to 
 @cache_app.command("ls")
 def cache_ls(cache_dir: Optional[str] = CacheOpt):
     """Stages, keys, sizes and row counts in the store."""
-    from .config import default_cache_dir
-    from .store import Store
+    from pipeline.config import default_cache_dir
+    from pipeline.store import Store
 
     cache_dir = cache_dir or str(default_cache_dir())
     rows = Store(cache_dir).describe()
@@ -284,8 +312,8 @@ def cache_ls(cache_dir: Optional[str] = CacheOpt):
 def cache_verify(cache_dir: Optional[str] = CacheOpt,
                  fix: bool = typer.Option(False, "--fix", help="move damaged parts to quarantine now (readers do it on first use anyway)")):
     """Check every part: readable index, tensor file present, checksum as recorded. Exit 1 if damage is found."""
-    from .config import default_cache_dir
-    from .store import Store
+    from pipeline.config import default_cache_dir
+    from pipeline.store import Store
 
     def go():
         store = Store(cache_dir or default_cache_dir())
@@ -313,15 +341,18 @@ def cache_gc(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
              mllm: str = typer.Option("", "--mllm", envvar="MLLM", help="caption sources to keep (default: every shipped one)"),
              runs_dir: Optional[str] = RunsOpt, prompt: str = PromptOpt, image_dir: Optional[str] = ImagesOpt,
              keep_runs: Optional[list[str]] = typer.Option(None, "--keep-runs", help="another runs folder whose recorded cache keys are kept too (repeatable)"),
-             yes: bool = typer.Option(False, "--yes", help="delete (default: only list what would go)")):
+             yes: bool = typer.Option(False, "--yes", help="delete (default: only list what would go)"),
+             on_error: str = OnErrorOpt,
+             ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
+             crop_index: Optional[str] = CropIndexOpt):
     """Remove cache entries that no current config reaches (and orphaned temp files).
 
     Kept: what the current settings reach, plus every cache key recorded by a run in the
     runs folder in effect (--runs-dir / RUNS_DIR) and in each --keep-runs folder."""
-    from stages import gc
+    from . import gc
 
     s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, runs_dir=runs_dir,
-                  prompt=prompt, image_dir=image_dir)
+                  prompt=prompt, image_dir=image_dir, on_error=on_error, ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
     _guard(gc.collect, s, bool(mllm), yes, [Path(p) for p in keep_runs or []])
 
 

@@ -1,0 +1,30 @@
+"""Plain table writers shared by the report pages (text, Markdown, HTML) and the sources' display names."""
+
+from __future__ import annotations
+
+import html
+
+DISPLAY = {"none": "none (text only)", "imported:blip2": "BLIP-2", "imported:instructblip": "InstructBLIP",
+           "imported:qwen": "QwenVL-Plus", "imported:minicpm": "MiniCPM-V"}
+
+
+def pct(ms: tuple[float, float]) -> str:
+    return f"{ms[0] * 100:.2f} ± {ms[1] * 100:.2f}"
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) for i, c in enumerate(cells))  # noqa: E731
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
