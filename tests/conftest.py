@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, cli_env_vars
+from tests.visual_fixtures import photos, tiny_grounding_dino, tiny_owlv2, visual_source  # noqa: F401  (fixtures of the visual tests)
 
 # the shell's values never reach a test ...
 for _var in cli_env_vars():

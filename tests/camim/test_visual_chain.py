@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from camim.cli import app
 from pipeline.config import Settings
-
-from .conftest import SAMPLE
+from tests.visual_fixtures import SAMPLE
 
 N = 6  # records per split: the first six val lines of the bundled sample, in every split
 

@@ -7,8 +7,8 @@ import shutil
 from typer.testing import CliRunner
 
 from camim.cli import app
+from tests.visual_fixtures import SAMPLE
 
-from .conftest import SAMPLE
 from .test_ground import ground_rows
 
 

@@ -112,7 +112,7 @@ def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
     from camim.graph import inputs_for
     from stages.train.ner import build_ner_data
     from stages.train.trainer import train_one
-    from tests.others.test_ner_train import small_twitter
+    from tests.stages.train.test_ner_train import small_twitter
 
     conf = merge(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
                                            "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})

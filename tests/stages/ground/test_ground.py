@@ -82,7 +82,7 @@ def test_imported_grounding_reads_the_real_index(visual_source, tmp_path):
     r9 = rows[("image", "val-00009")]
     assert r9["n_crops"] == 0 and r9["short"] and r9["crop_keys"] == []
     # translation view: boxes of diffusion_boxes_val.json, clamped to the 768x768 image, cut at 224x224
-    dif = json.loads((Path(__file__).resolve().parents[2] / "data/sample/mnre/tmr_aux/diffusion_boxes_val.json").read_text())
+    dif = json.loads((Path(__file__).resolve().parents[3] / "data/sample/mnre/tmr_aux/diffusion_boxes_val.json").read_text())
     trans = [r for r in rows.values() if r["view"] == "trans"]
     assert sorted(r["sample_id"] for r in trans) == [f"val-0000{i}" for i in range(4)]
     for r in trans:

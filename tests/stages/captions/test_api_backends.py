@@ -180,7 +180,7 @@ def test_cli_captions_a_folder_against_the_fake_server(tmp_path, photos, fake_se
     env = dict(os.environ, DASHSCOPE_HTTP_BASE_URL=fake_server.dashscope_url, DASHSCOPE_API_KEY=KEY,
                CACHE_DIR=str(tmp_path / "cache"), TASK="images", MLLM="dashscope:qwen-vl-plus", PROMPT="short")
     env.pop("MNRE_SOURCE", None)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     p = subprocess.run([sys.executable, "-m", "camim.cli", "captions", "--source", str(photos)], cwd=root, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -217,7 +217,7 @@ def test_sigkill_mid_run_resumes_from_the_last_committed_batch(tmp_path, photos,
     env = dict(os.environ, OPENAI_BASE_URL=fake_server.openai_url, CACHE_DIR=str(cache), TASK="images",
                MLLM="openai:m", BATCH_SIZE="2", CAPTION_CONCURRENCY="1")
     env.pop("MNRE_SOURCE", None)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     cmd = [sys.executable, "-m", "camim.cli", "captions", "--source", str(photos)]
     p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

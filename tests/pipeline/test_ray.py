@@ -6,7 +6,7 @@ import torch
 from pipeline.executors import make_executor
 from pipeline.runner import run_stage
 from pipeline.store import Store
-from tests.test_cache import Squares
+from tests.pipeline.test_cache import Squares
 
 ray = pytest.importorskip("ray")
 

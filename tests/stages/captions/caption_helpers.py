@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PHOTOS = HERE.parent / "fixtures" / "photos"
-SAMPLE = HERE.parent.parent / "data" / "sample" / "mnre"
+REPO = Path(__file__).resolve().parents[3]
+PHOTOS = REPO / "tests" / "fixtures" / "photos"
+SAMPLE = REPO / "data" / "sample" / "mnre"
 
 
 def settings(tmp_path, conf_over: dict | None = None, **kw):

@@ -1,4 +1,4 @@
-"""Fixtures for the visual side: real photos, generated "translation" images, a crop
+"""Fixtures for the visual side (tests/conftest.py registers them for the whole suite): real photos, generated "translation" images, a crop
 folder laid out like HVPNeT's ``img_vg``, and tiny random OWLv2 / Grounding DINO models.
 
 The six real photos are scikit-image's sample data, committed (downscaled) under
@@ -23,7 +23,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # committed name -> name inside the wheel's skimage/data/
 PHOTOS = {"astronaut.jpg": "astronaut.png", "chelsea.jpg": "chelsea.png", "coffee.jpg": "coffee.png",
           "rocket.jpg": "rocket.jpg", "motorcycle_left.jpg": "motorcycle_left.png", "horse.png": "horse.png"}
