@@ -118,6 +118,17 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     assert "<table>" in out["paths"]["html"].read_text()
     rows = {r["source"]: r for r in out["rows"]}
     assert rows["none"]["captions"] == 0 and 20 < rows["imported:qwen"]["caplen"] < 40
+    # the HTML page in a real browser: it loads, shows the table and the chart, and logs no error
+    from camim.browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium here (.ci/run installs it: apt-get install chromium)")
+    page = check_page(out["paths"]["html"], out["paths"]["html"].with_suffix(".screenshot.png"))
+    assert page["errors"] == [], page["errors"]
+    assert page["tables"] >= 1 and page["title"] == "t"
+    assert [src for src, width in page["images"] if width > 100] == ["t.png"]  # the chart decoded
+    shot = out["paths"]["html"].with_suffix(".screenshot.png").read_bytes()
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
     assert len(rows["imported:qwen"]["runs"]) == 2
     # the paired test against none, pooled over both seeds, fills the significance columns
     sig = rows["imported:qwen"]["significance"]
