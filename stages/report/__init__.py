@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-from .tables import DISPLAY, html_table, md_table, pct, text_table
+from .tables import DISPLAY, html_table, html_text, md_table, pct, text_table
 
 COLS = ("acc", "precision", "recall", "f1")
 SIG_NOTE = ("ΔF1 vs none: mean over seeds of the F1 difference; 95% CI and p from a paired two-level bootstrap over "
@@ -156,7 +156,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
     atomic_write_bytes(paths["tex"], latex_table(rows, meta).encode())
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:2px 6px}table{border-collapse:collapse}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title><style>{style}</style></head><body>",
-             f"<h1>Caption-model comparison: {html.escape(name)}</h1>", f"<p>{html.escape(md[2])}</p>",
+             f"<h1>Caption-model comparison: {html.escape(name)}</h1>", f"<p>{html_text(md[2])}</p>",
              f"<p>{html.escape(SIG_NOTE)}</p>"]
     if meta.get("smoke"):
         parts += [f"<p><strong>{html.escape(meta['smoke'])}</strong></p>"]

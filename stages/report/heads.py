@@ -15,7 +15,7 @@ import time
 from pipeline.config import Settings
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-from .tables import DISPLAY, html_table, md_table, pct, text_table
+from .tables import DISPLAY, html_table, html_text, md_table, pct, text_table
 
 
 def write_head_report(settings: Settings, rows: list[dict], heads: list[str], sources: list[str], seeds: list[int],
@@ -41,7 +41,7 @@ def write_head_report(settings: Settings, rows: list[dict], heads: list[str], so
     paths = {"md": out / f"{name}.md", "html": out / f"{name}.html", "json": out / f"{name}.json"}
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["html"], (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title></head><body>"
-                                       f"<h1>Head comparison: {html.escape(name)}</h1><p>{html.escape(intro)}</p>"
+                                       f"<h1>Head comparison: {html.escape(name)}</h1><p>{html_text(intro)}</p>"
                                        f"{html_table(head_row, body)}<pre>{html.escape(json.dumps(runs, indent=2))}</pre></body></html>").encode())
     atomic_write_json(paths["json"], {"meta": meta, "rows": rows})
     print(text_table(head_row, body))

@@ -8,6 +8,13 @@ DISPLAY = {"none": "none (text only)", "imported:blip2": "BLIP-2", "imported:ins
            "imported:qwen": "QwenVL-Plus", "imported:minicpm": "MiniCPM-V"}
 
 
+def html_text(md: str) -> str:
+    """A line of Markdown prose as HTML: escaped, with `code` spans as <code>."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(md))
+
+
 def pct(ms: tuple[float, float]) -> str:
     return f"{ms[0] * 100:.2f} ± {ms[1] * 100:.2f}"
 
