@@ -41,7 +41,7 @@ from tenacity import (
 from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
 
-from .base import read_image_bytes
+from .base import check_settings, read_image_bytes
 from .prompts import PromptedCaptioner
 
 log = logging.getLogger("camim")
@@ -343,7 +343,9 @@ class ApiCaptioner(PromptedCaptioner):
         super().__init__(arg, settings)
         self.model = arg or self.default_model
         conf = dict(self.defaults)
-        conf.update(settings.section("captions").get(self.conf_name, {}) or {})
+        given = settings.section("captions").get(self.conf_name, {}) or {}
+        check_settings(f"captions.{self.conf_name}", given, [*self.defaults, "batch_size"])
+        conf.update(given)
         conf.update(self.model_prices(self.model, conf))
         conf["concurrency"] = int(_env_num("CAPTION_CONCURRENCY", conf["concurrency"]))
         conf["rpm"] = _env_num("CAPTION_RPM", conf["rpm"])

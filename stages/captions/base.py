@@ -9,7 +9,15 @@ revision, the rendered prompt text, generation parameters.  Never an API key.
 from __future__ import annotations
 
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
+
+
+def check_settings(section: str, given: dict, known) -> None:
+    """A key of ``[<section>]`` that the backend does not read is an error naming the known ones."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise PipelineError(f"[{section}] unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(set(known)))})")
 
 
 class Captioner:

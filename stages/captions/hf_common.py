@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import ItemResult
 from stages.encoders import pick_device, pick_dtype, resolve, torch_dtype
 
-from .base import read_image_bytes
+from .base import check_settings, read_image_bytes
 from .prompts import PromptedCaptioner
 
 log = logging.getLogger("camim")
@@ -54,6 +54,8 @@ class LocalCaptioner(PromptedCaptioner):
     model_class = "AutoModelForImageTextToText"
     default_batch_size = 4
     trust_remote_code = False
+    #: settings a backend reads beyond ``defaults`` (e.g. MiniCPM's chat_format)
+    extra_settings: tuple[str, ...] = ()
 
     defaults = {
         "revision": "main", "dtype": "auto", "device_map": "", "max_new_tokens": 128, "num_beams": 1,
@@ -64,7 +66,9 @@ class LocalCaptioner(PromptedCaptioner):
     def __init__(self, arg: str, settings):
         super().__init__(arg, settings)
         conf = dict(self.defaults)
-        conf.update({k: v for k, v in (settings.section("captions").get(self.conf_name, {}) or {}).items()})
+        given = settings.section("captions").get(self.conf_name, {}) or {}
+        check_settings(f"captions.{self.conf_name}", given, [*self.defaults, *self.extra_settings, "model", "batch_size"])
+        conf.update(given)
         self.conf = conf
         if conf.get("batch_size"):
             self.default_batch_size = int(conf["batch_size"])

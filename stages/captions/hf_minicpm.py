@@ -30,6 +30,7 @@ def _model_type(path: str) -> str | None:
 
 
 class MiniCPMCaptioner(ChatTemplateCaptioner):
+    extra_settings = ("chat_format",)
     backend = "minicpm"
     conf_name = "minicpm"
     default_model = "openbmb/MiniCPM-Llama3-V-2_5"

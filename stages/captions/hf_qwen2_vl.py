@@ -11,6 +11,7 @@ from .hf_common import ChatTemplateCaptioner
 
 
 class Qwen2VLCaptioner(ChatTemplateCaptioner):
+    extra_settings = ("min_pixels", "max_pixels")
     backend = "qwen2-vl"
     conf_name = "qwen2-vl"
     default_model = "Qwen/Qwen2-VL-7B-Instruct"

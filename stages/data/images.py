@@ -9,7 +9,6 @@ a sentence (``entity``) refuse with a clear error.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from pipeline.config import Settings
@@ -32,7 +31,7 @@ class ImagesTask:
         self.arg = arg
 
     def source_dir(self, settings: Settings) -> Path:
-        src = settings.source or os.environ.get("MNRE_SOURCE") or settings.image_dir
+        src = settings.source or settings.image_dir  # MNRE_SOURCE reaches settings.source through the CLI
         if not src:
             raise PipelineError("TASK=images needs a folder: --source <folder> (or IMAGE_DIR)")
         path = Path(src)

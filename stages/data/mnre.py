@@ -10,7 +10,6 @@ public files, checking each one's sha256.
 from __future__ import annotations
 
 import logging
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -81,7 +80,7 @@ class MnreTask:
         self.arg = arg
 
     def source_dir(self, settings: Settings) -> Path:
-        src = settings.source or os.environ.get("MNRE_SOURCE") or ""
+        src = settings.source or ""  # MNRE_SOURCE reaches settings.source through the CLI
         if not src:
             return SAMPLE
         if src == "download":
