@@ -19,8 +19,8 @@ KEY = "sk-test-batch"
 
 
 def conf(name="openai_batch", **over):
-    return {"captions": {name: {"poll_seconds": 0.05, "timeout": 5.0, "price_in_per_mtok": 2.0, "price_out_per_mtok": 4.0,
-                                **over}}}
+    batch = {"poll_seconds": 0.05} if name.endswith("_batch") else {}
+    return {"captions": {name: {**batch, "timeout": 5.0, "price_in_per_mtok": 2.0, "price_out_per_mtok": 4.0, **over}}}
 
 
 def test_openai_batch_job_maps_back_with_per_item_failures_at_half_price(tmp_path, photos, fake_server, monkeypatch):
