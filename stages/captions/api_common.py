@@ -239,16 +239,17 @@ class RayRateLimiter:
     def __init__(self, actor, rpm: float, tpm: float, sleep=time.sleep):
         self.actor, self.rpm, self.tpm, self._sleep = actor, float(rpm), float(tpm), sleep
 
-    def acquire(self, est_tokens: int = 0) -> None:
+    def reserve(self) -> float:
         import ray
 
-        wait = ray.get(self.actor.reserve.remote()) if self.rpm > 0 else 0.0
-        if wait > 0:
-            self._sleep(wait)
-        if self.tpm > 0 and est_tokens > 0:
-            need = min(float(est_tokens), self.tpm)
-            while (wait := ray.get(self.actor.take.remote(need))) > 0:
-                self._sleep(min(wait, 1.0))
+        return ray.get(self.actor.reserve.remote()) if self.rpm > 0 else 0.0
+
+    def take(self, need: float) -> float:
+        import ray
+
+        return ray.get(self.actor.take.remote(need))
+
+    acquire = RateLimiter.acquire  # the same waiting, on the actor's bookings
 
     def settle(self, estimated: int, actual: int) -> None:
         if self.tpm > 0:
@@ -393,6 +394,10 @@ class ApiCaptioner(PromptedCaptioner):
                 "cost_usd": (tin * pin + tout * pout) / 1e6, "cost_usd_max": (tin * pin + tmax * pout) / 1e6,
                 "output_from": "measured" if measured_out else "default", "priced": bool(pin or pout)}
 
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        """USD at the configured prices (per million tokens)."""
+        return (tokens_in * float(self.conf["price_in_per_mtok"]) + tokens_out * float(self.conf["price_out_per_mtok"])) / 1e6
+
     def model_prices(self, model: str, conf: dict) -> dict:
         """Per-model default prices (USD per million tokens); config wins."""
         return {}
@@ -481,7 +486,7 @@ class ApiCaptioner(PromptedCaptioner):
         if not text:
             return ItemResult(item["item_key"], row={**base, "attempts": attempts}, error="empty caption: the model returned no text")
         tin, tout = int(usage.get("input_tokens", 0) or 0), int(usage.get("output_tokens", 0) or 0)
-        cost = (tin * float(self.conf["price_in_per_mtok"]) + tout * float(self.conf["price_out_per_mtok"])) / 1e6
+        cost = self.cost(tin, tout)
         return ItemResult(item["item_key"], row={
             **base, "caption": text, "input_tokens": tin, "output_tokens": tout, "cost_usd": cost,
             "attempts": attempts, "seconds": round(time.perf_counter() - t0, 3),

@@ -134,9 +134,8 @@ class OpenAIBatchCaptioner(OpenAICaptioner):
             return ItemResult(item["item_key"], row=base, error="empty caption: the model returned no text")
         usage = body.get("usage") or {}
         tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        cost = (tin * float(self.conf["price_in_per_mtok"]) + tout * float(self.conf["price_out_per_mtok"])) / 1e6
         return ItemResult(item["item_key"], row={**base, "caption": text, "input_tokens": tin, "output_tokens": tout,
-                                                 "cost_usd": cost, "batch_id": answer.get("_batch_id", "")})
+                                                 "cost_usd": self.cost(tin, tout), "batch_id": answer.get("_batch_id", "")})
 
     # -- the provider's Batch API ------------------------------------------------------------
     def _headers(self, json_body: bool = True) -> dict:
