@@ -31,7 +31,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 #: head options of the tuned top (every head that can take one declares these too)
-TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 5e-5, "top_dropout": 0.1}
+TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 5e-5, "top_dropout": 0.1, "top_attn_dropout": 0.1}
 
 # cached name (relative to one BERT layer) -> our name
 BERT_NAMES = {
@@ -47,7 +47,7 @@ BERT_NAMES = {
 
 
 class BertBlock(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int, eps: float, dropout: float):
+    def __init__(self, d: int, heads: int, ffn: int, eps: float, dropout: float, attn_dropout: float):
         super().__init__()
         if d % heads:
             raise PipelineError(f"tuned top: hidden {d} is not a multiple of {heads} heads")
@@ -58,6 +58,9 @@ class BertBlock(nn.Module):
         self.fc2 = nn.Linear(ffn, d)
         self.ln2 = nn.LayerNorm(d, eps=eps)
         self.p = dropout
+        # dropout on the attention probabilities: on a CPU any p > 0 forces the unfused attention
+        # path and a Bernoulli mask of [B, heads, N, N] (README "Tuned top layers": its cost)
+        self.pa = attn_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``x``: the real pieces only, flat ``[T, d]``; ``idx``: their places in the padded
@@ -71,7 +74,7 @@ class BertBlock(nn.Module):
             return g.view(b, n, self.h, d // self.h).transpose(1, 2)
 
         att = F.scaled_dot_product_attention(grid(self.q(x)), grid(self.k(x)), grid(self.v(x)),
-                                             attn_mask=mask[:, None, None, :], dropout_p=self.p if self.training else 0.0)
+                                             attn_mask=mask[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
         att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
         x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
         y = self.fc2(F.gelu(self.fc1(x)))
@@ -81,12 +84,12 @@ class BertBlock(nn.Module):
 class TunedTop(nn.Module):
     """``k`` pretrained layers over cut-level states; see the module doc."""
 
-    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1):
+    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1, attn_dropout: float = 0.1):
         super().__init__()
         d = int(dims["sent_word"])
         self.n = int(dims["top_layers"])
-        self.layers = nn.ModuleList(BertBlock(d, int(dims["top_heads"]), int(dims["top_ffn"]), float(dims["top_eps"]), dropout)
-                                    for _ in range(self.n))
+        shape = (d, int(dims["top_heads"]), int(dims["top_ffn"]), float(dims["top_eps"]))
+        self.layers = nn.ModuleList(BertBlock(*shape, dropout, attn_dropout) for _ in range(self.n))
         self.joint = joint
         self.segment = nn.Parameter(torch.zeros(d))  # added to caption states in joint reading
 
@@ -137,7 +140,8 @@ class TopHead:
     def init_top(self, dims: dict, o: dict) -> None:
         self.top = None
         if "top_layers" in dims and bool(o.get("tune_top", True)):
-            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)))
+            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)),
+                                attn_dropout=float(o.get("top_attn_dropout", 0.1)))
             self.top_lr = float(o.get("top_lr", 5e-5))
 
     def load_pretrained(self, pretrained: dict) -> None:
