@@ -30,6 +30,33 @@ def _timed_steps(fn, n: int) -> list[float]:
     return out
 
 
+def top_flops(data, dims: dict, joint: bool) -> dict[str, float]:
+    """FLOPs of one epoch of the tuned top: training over the train split (forward + backward;
+    the first layer needs no input gradient) and the forward over val, from the real piece counts
+    (with captions read jointly, each sample is sentence + caption pieces)."""
+    d, f, k = int(dims["sent_word"]), int(dims["top_ffn"]), int(dims["top_layers"])
+    lin = 2 * (4 * d * d + 2 * d * f)  # per piece per layer, forward: q k v o + the two FFN matrices
+
+    def lens(split):
+        rows = data.splits[split]
+        n = (data.sent.off[rows + 1] - data.sent.off[rows]).double()
+        if "cap_word" in dims:
+            c = (data.cap.off[rows + 1] - data.cap.off[rows]).double()
+            n = n + c if joint else n  # separately: the caption's own pass is added below
+            return n, (None if joint else c)
+        return n, None
+
+    def fwd(split):  # one forward of every tuned layer over the split
+        total = 0.0
+        for n in lens(split):
+            if n is not None:
+                total += float((lin * n + 4 * d * n * n).sum())  # linear layers + QK^T and AV
+        return total * k
+
+    train = fwd("train") * (3 * k - 1) / k  # backward = 2x forward, less the input gradient of the first layer
+    return {"train": train, "val": fwd("val") if "val" in data.splits else 0.0}
+
+
 def _settings_from_env():
     from pipeline.config import Settings, default_cache_dir
 
@@ -48,6 +75,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     from stages.features.text import mark_tokens
     from stages.train import HEADS
     from stages.train.trainer import (
+        adamw,
         amp_dtype,
         param_groups,
         pick_device,
@@ -93,6 +121,15 @@ def main(settings=None, argv: list[str] | None = None) -> int:
         print(f"8 epochs (estimated from {epochs} measured): {8 * per_epoch:.0f}s incl. validation "
               f"({8 * n_train / m['train_samples_per_s']:.0f}s of it training)")
 
+    if top:  # the floor this CPU puts under the tuned top: its FLOPs at the roofline measured above
+        fl = top_flops(data, data.dims, bool(conf.get("joint", True)))
+        peak = roof["bf16" if m["amp"] == "bfloat16" else "fp32"]
+        per_epoch = (fl["train"] + fl["val"]) / (peak * 1e9)
+        spent = statistics.fmean(h["seconds"] for h in m["history"])
+        print(f"roofline floor: the tuned top alone is {(fl['train'] + fl['val']) / 1e12:.1f} TFLOP an epoch "
+              f"(train fwd+bwd and val fwd) -> 8 epochs take at least {8 * per_epoch:.0f}s at {peak:.0f} GFLOP/s; "
+              f"the measured epoch ran at {per_epoch / spent:.0%} of that roofline")
+
     # 2. one head step vs one end-to-end step (every encoder layer fwd+bwd + head) on the same batch
     device = pick_device(settings.device)
     amp = amp_dtype(str(conf["amp"]), device)
@@ -102,7 +139,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     if hasattr(head, "load_pretrained") and data.pretrained:
         head.load_pretrained(data.pretrained)
     head = head.to(device)
-    opt = torch.optim.AdamW(param_groups(head, 0.01, 1e-3), lr=1e-3)
+    opt = adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
     def head_step():
@@ -115,7 +152,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     stage = text_stage(settings)
     stage.setup()
     enc = stage.model.float().train()
-    enc_opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=1e-5)
+    enc_opt = adamw([{"params": list(enc.parameters()) + list(head.parameters())}], 1e-5, device)
     recs = [data.records[i] for i in rows.tolist()]
     words = [mark_tokens(r["tokens"], (r["h_start"], r["h_end"]), (r["t_start"], r["t_end"]), stage.conf["markers"])[0] for r in recs]
     tok = stage.tok(words, is_split_into_words=True, truncation=True, max_length=stage.conf["max_len"], padding=True, return_tensors="pt")
