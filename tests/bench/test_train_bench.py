@@ -1,0 +1,37 @@
+"""The train bench's roofline floor counts the tuned top's FLOPs from the real piece counts."""
+
+from types import SimpleNamespace
+
+import torch
+
+from bench.train_bench import top_flops
+from stages.train.data import Ragged
+
+
+def _data(sent_lens, cap_lens):
+    def ragged(lens):
+        return Ragged.from_list([torch.zeros(n, 4) for n in lens], 4)
+
+    return SimpleNamespace(sent=ragged(sent_lens), cap=ragged(cap_lens),
+                           splits={"train": torch.tensor([0, 1]), "val": torch.tensor([2])})
+
+
+def test_top_flops_counts_pieces_layers_and_backward():
+    d, f, k = 4, 16, 2
+    dims = {"sent_word": d, "top_ffn": f, "top_layers": k}
+    lin = 2 * (4 * d * d + 2 * d * f)
+
+    def fwd(n):  # one tuned layer over one sequence of n pieces
+        return lin * n + 4 * d * n * n
+
+    text = top_flops(_data([3, 5, 2], [0, 0, 0]), dims, joint=True)
+    assert text["train"] == (fwd(3) + fwd(5)) * (3 * k - 1)  # k layers x (fwd + 2x bwd) less the first input grad
+    assert text["val"] == fwd(2) * k
+    # with captions read jointly each sample is one sequence of sentence + caption pieces
+    joint = top_flops(_data([3, 5, 2], [4, 1, 6]), {**dims, "cap_word": d}, joint=True)
+    assert joint["train"] == (fwd(7) + fwd(6)) * (3 * k - 1)
+    assert joint["val"] == fwd(8) * k
+    # read separately, the two are two sequences: the attention is cheaper than joint
+    apart = top_flops(_data([3, 5, 2], [4, 1, 6]), {**dims, "cap_word": d}, joint=False)
+    assert apart["train"] == (fwd(3) + fwd(5) + fwd(4) + fwd(1)) * (3 * k - 1)
+    assert apart["train"] < joint["train"]
