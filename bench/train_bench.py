@@ -110,7 +110,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
                         run_id="bench", force=True, quiet=True)
     m = res.metrics
     top = data.dims.get("top_layers", 0)
-    how = f" (joint={conf.get('joint', True)}, top_lr={conf.get('top_lr', 5e-5)})" if top else " (frozen text)"
+    how = f" (joint={conf.get('joint', True)}, top_lr={conf.get('top_lr', 1e-4)})" if top else " (frozen text)"
     print(f"head: {conf['head']}, tuned top layers {top}" + how
           + f"; cpu: {cpu_name()}")
     print(f"head training: {m['train_samples_per_s']:.0f} samples/s ({m['amp']} on {m['device']}); "

@@ -27,7 +27,7 @@ producing NaN.
 Tuned top (``text.cut = k`` > 0 in the profile, see :mod:`stages.train.tuned_top`): the
 cached states are those entering the encoder's last ``k`` layers; copies of those
 pretrained layers read the sentence and its caption jointly (``joint``, default true),
-learn at ``top_lr`` (5e-5), and T_W / C_W / the sentence vectors are taken from their
+learn at ``top_lr`` (1e-4), and T_W / C_W / the sentence vectors are taken from their
 output; the classifier reads the tuned entity-marker states directly.  ``tune_top =
 false`` uses the cut-level states frozen.
 
