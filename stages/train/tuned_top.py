@@ -31,7 +31,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 #: head options of the tuned top (every head that can take one declares these too)
-TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 1e-4, "top_dropout": 0.1, "top_attn_dropout": 0.0}
+TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 1e-4, "top_dropout": 0.1, "top_attn_dropout": 0.1}
 
 # cached name (relative to one BERT layer) -> our name
 BERT_NAMES = {
@@ -84,7 +84,7 @@ class BertBlock(nn.Module):
 class TunedTop(nn.Module):
     """``k`` pretrained layers over cut-level states; see the module doc."""
 
-    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1, attn_dropout: float = 0.0):
+    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1, attn_dropout: float = 0.1):
         super().__init__()
         d = int(dims["sent_word"])
         self.n = int(dims["top_layers"])
@@ -141,7 +141,7 @@ class TopHead:
         self.top = None
         if "top_layers" in dims and bool(o.get("tune_top", True)):
             self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)),
-                                attn_dropout=float(o.get("top_attn_dropout", 0.0)))
+                                attn_dropout=float(o.get("top_attn_dropout", 0.1)))
             self.top_lr = float(o.get("top_lr", 1e-4))
 
     def load_pretrained(self, pretrained: dict) -> None:
