@@ -37,21 +37,16 @@ def top_flops(data, dims: dict, joint: bool) -> dict[str, float]:
     d, f, k = int(dims["sent_word"]), int(dims["top_ffn"]), int(dims["top_layers"])
     lin = 2 * (4 * d * d + 2 * d * f)  # per piece per layer, forward: q k v o + the two FFN matrices
 
-    def lens(split):
+    def sequences(split):  # piece counts of every sequence the tuned layers read
         rows = data.splits[split]
-        n = (data.sent.off[rows + 1] - data.sent.off[rows]).double()
-        if "cap_word" in dims:
-            c = (data.cap.off[rows + 1] - data.cap.off[rows]).double()
-            n = n + c if joint else n  # separately: the caption's own pass is added below
-            return n, (None if joint else c)
-        return n, None
+        s = (data.sent.off[rows + 1] - data.sent.off[rows]).double()
+        if "cap_word" not in dims:
+            return [s]
+        c = (data.cap.off[rows + 1] - data.cap.off[rows]).double()
+        return [s + c] if joint else [s, c]
 
-    def fwd(split):  # one forward of every tuned layer over the split
-        total = 0.0
-        for n in lens(split):
-            if n is not None:
-                total += float((lin * n + 4 * d * n * n).sum())  # linear layers + QK^T and AV
-        return total * k
+    def fwd(split):  # one forward of every tuned layer over the split: linear layers + QK^T and AV
+        return k * sum(float((lin * n + 4 * d * n * n).sum()) for n in sequences(split))
 
     train = fwd("train") * (3 * k - 1) / k  # backward = 2x forward, less the input gradient of the first layer
     return {"train": train, "val": fwd("val") if "val" in data.splits else 0.0}
@@ -110,7 +105,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
                         run_id="bench", force=True, quiet=True)
     m = res.metrics
     top = data.dims.get("top_layers", 0)
-    how = f" (joint={conf.get('joint', True)}, top_lr={conf.get('top_lr', 1e-4)})" if top else " (frozen text)"
+    how = f" (joint={conf.get('joint', True)}, top_lr={conf['top_lr']})" if top else " (frozen text)"
     print(f"head: {conf['head']}, tuned top layers {top}" + how
           + f"; cpu: {cpu_name()}")
     print(f"head training: {m['train_samples_per_s']:.0f} samples/s ({m['amp']} on {m['device']}); "

@@ -84,7 +84,8 @@ class BertBlock(nn.Module):
 class TunedTop(nn.Module):
     """``k`` pretrained layers over cut-level states; see the module doc."""
 
-    def __init__(self, dims: dict, joint: bool = True, dropout: float = 0.1, attn_dropout: float = 0.1):
+    def __init__(self, dims: dict, joint: bool = True, dropout: float = TOP_OPTIONS["top_dropout"],
+                 attn_dropout: float = TOP_OPTIONS["top_attn_dropout"]):
         super().__init__()
         d = int(dims["sent_word"])
         self.n = int(dims["top_layers"])
@@ -139,10 +140,11 @@ class TopHead:
     # attribute would shadow
     def init_top(self, dims: dict, o: dict) -> None:
         self.top = None
-        if "top_layers" in dims and bool(o.get("tune_top", True)):
-            self.top = TunedTop(dims, joint=bool(o.get("joint", True)), dropout=float(o.get("top_dropout", 0.1)),
-                                attn_dropout=float(o.get("top_attn_dropout", 0.1)))
-            self.top_lr = float(o.get("top_lr", 1e-4))
+        o = {**TOP_OPTIONS, **o}  # the defaults live in TOP_OPTIONS only
+        if "top_layers" in dims and bool(o["tune_top"]):
+            self.top = TunedTop(dims, joint=bool(o["joint"]), dropout=float(o["top_dropout"]),
+                                attn_dropout=float(o["top_attn_dropout"]))
+            self.top_lr = float(o["top_lr"])
 
     def load_pretrained(self, pretrained: dict) -> None:
         """Start the tuned top from the cached pretrained layers (the trainer calls this once)."""
