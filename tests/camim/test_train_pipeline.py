@@ -139,6 +139,27 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     assert "\\toprule" in tex and "QwenVL-Plus" in tex and "\\pm" in tex
 
 
+def test_an_unseen_caption_folder_goes_through_the_report_with_no_code_change(env, tmp_path):
+    """``imported:<folder of CAMIM-format files>`` from a captioner no one has registered: captions,
+    features (the only step that loads the encoder), training and the report's significance columns."""
+    from camim.graph import resolver
+    from stages.report import run_report
+    from tests.conftest import SAMPLE
+
+    shipped = SAMPLE / "camim_captions"
+    folder = tmp_path / "my-new-captioner"
+    folder.mkdir()
+    for split in ("train", "val", "test"):  # another MLLM's captions under a name no code knows
+        (folder / f"mymllm_{split}.txt").write_text((shipped / f"blip2_{split}.txt").read_text())
+    src = f"imported:{folder}"
+    out = run_report(env, ["none", src], resolver(env, ["none", src]), [1], {"epochs": 1}, name="unseen")
+    rows = {r["source"]: r for r in out["rows"]}
+    assert rows[src]["captions"] > 0 and 5 < rows[src]["caplen"] < 30  # BLIP-2 captions are short
+    sig = rows[src]["significance"]
+    assert sig["n_seeds"] == 1 and sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"]
+    assert "my-new-captioner" in out["paths"]["md"].read_text()
+
+
 def env_records(s):
     from stages.data import prepare
 
