@@ -181,6 +181,16 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
             r["significance"] = compare(base, runs_by_source[r["source"]], labels, head)
 
 
+def progress_line(done: int, total: int, trained: list[float], elapsed: float) -> str:
+    """Where a report stands: runs done, and the time left if every remaining run is trained
+    at the mean wall time of the runs trained so far (reused runs cost nothing)."""
+    line = f"{done}/{total} runs in {elapsed / 60:.1f} min ({total - done} to go"
+    if trained and done < total:
+        left = (total - done) * sum(trained) / len(trained)
+        line += f"; about {left / 60:.0f} min more at {sum(trained) / len(trained) / 60:.1f} min a run"
+    return line + ")"
+
+
 def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
                overrides: dict | None = None, name: str | None = None, heads: list[str] | None = None,
                quiet_runs: bool = False, smoke: str | None = None) -> dict:
@@ -197,6 +207,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     rows = []
     runs_by: dict[tuple[str, str], list] = {}
     n_records, labels = 0, []
+    total, done, trained = len(sources) * len(heads) * len(seeds), 0, []
     for src in sources:
         for head in heads:
             over = {**(overrides or {}), "head": head}
@@ -204,8 +215,13 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
             n_records, labels = len(data.records), data.labels
             runs = []
             for seed in seeds:
-                print(f"report: {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else ""))
+                done += 1
+                print(f"report: run {done}/{total}: {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else ""))
+                t_run = time.perf_counter()
                 runs.append(train_one(settings, src, seed, over, data=data, quiet=quiet_runs))
+                if not runs[-1].reused:
+                    trained.append(time.perf_counter() - t_run)
+                print("report: " + progress_line(done, total, trained, time.perf_counter() - t0))
             row = summarise(src, runs, data.modalities)
             row["head"] = head
             rows.append(row)

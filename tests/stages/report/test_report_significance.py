@@ -70,3 +70,12 @@ def test_one_seed_is_never_called_significant_and_seed_noise_widens_the_interval
     o2 = np.stack([re_item_counts(gold, _preds(rng, gold, a), LABELS) for a in (0.75, 0.55)])
     mixed = paired_bootstrap(b2, o2, n_boot=1000)
     assert not mixed["significant"] and mixed["ci_high"] - mixed["ci_low"] > 0.15
+
+
+def test_the_report_progress_line_counts_runs_and_estimates_from_trained_runs_only():
+    from stages.report import progress_line
+
+    assert progress_line(1, 4, [], 1.0) == "1/4 runs in 0.0 min (3 to go)"  # a reused run gives no estimate
+    line = progress_line(2, 6, [600.0, 1200.0], 1800.0)
+    assert line.startswith("2/6 runs in 30.0 min (4 to go") and "about 60 min more at 15.0 min a run" in line
+    assert progress_line(6, 6, [600.0], 3600.0) == "6/6 runs in 60.0 min (0 to go)"
