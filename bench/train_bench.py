@@ -1,6 +1,8 @@
 """Head training benchmark (issue 3): throughput and 8-epoch wall time from cache,
-and the cost of one head step against one end-to-end step (text encoder forward +
-backward + head, as CAMIM's code trains) on the same batch.
+the cost of one head step against one end-to-end step (text encoder forward +
+backward + head, as CAMIM's code trains) on the same batch, the same step in the
+precision the trainer picks (bf16 autocast where the hardware runs it natively)
+against the other one, and on 1 thread against every core.
 
 Uses ``--source``/``MNRE_SOURCE`` (full MNRE: ``../shared/data/mnre``), the profile's
 ``[train]`` options and ``BENCH_MLLM`` (default ``imported:qwen``); ``BENCH_EPOCHS``
@@ -137,7 +139,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     opt = adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
-    def head_step():
+    def head_step(amp=amp):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = head(batch)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -188,7 +190,13 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     what = f"tuned-top step ({top} layers)" if top else "head step"
     print(f"one step, batch {bs}: {what} {th * 1000:.1f} ms, end-to-end with every layer of {stage.conf['model']} fwd+bwd "
           f"{te * 1000:.1f} ms -> {what} = {th / te:.3f} of an end-to-end step ({te / th:.1f}x cheaper)")
-    # 3. threads: the same step on 1 thread and on every core (the profile's `threads` picks)
+    # 3. precision: the trainer's pick (``train.amp``) against the other one, on the same batch
+    other = None if amp is not None else torch.bfloat16
+    t_other = statistics.median(_timed_steps(lambda: head_step(other), steps))
+    name = {None: "fp32", torch.bfloat16: "bf16 autocast"}
+    print(f"precision: {what} in {name[amp]} (the trainer's pick) {th * 1000:.1f} ms, in {name[other]} "
+          f"{t_other * 1000:.1f} ms -> the pick is {t_other / th:.2f}x the speed of the other")
+    # 4. threads: the same step on 1 thread and on every core (the profile's `threads` picks)
     before = torch.get_num_threads()
     per = {}
     for n in sorted({1, os.cpu_count() or 1}):
