@@ -186,8 +186,8 @@ def progress_line(done: int, total: int, trained: list[float], elapsed: float) -
     at the mean wall time of the runs trained so far (reused runs cost nothing)."""
     line = f"{done}/{total} runs in {elapsed / 60:.1f} min ({total - done} to go"
     if trained and done < total:
-        left = (total - done) * sum(trained) / len(trained)
-        line += f"; about {left / 60:.0f} min more at {sum(trained) / len(trained) / 60:.1f} min a run"
+        per_run = sum(trained) / len(trained)
+        line += f"; about {(total - done) * per_run / 60:.0f} min more at {per_run / 60:.1f} min a run"
     return line + ")"
 
 
