@@ -4,7 +4,8 @@ For every caption source (the application passes ``none`` + every shipped import
 source by default) and every seed, the head is trained on cached features (finished runs are reused, so
 an interrupted report resumes).  ``reports/<name>.md`` / ``.html`` hold the table
 (MLLM, CapLen = mean words per caption over the dataset's unique captions, Acc,
-P, R, F1 as mean ± sample std over seeds, and the F1 gain over ``none``), a bar
+P, R, F1 as mean ± sample std over seeds, the F1 gain over ``none`` with its paired
+significance, val F1, and the mean wall time of one run of the source), a bar
 chart (``<name>.png``), per-relation test F1 for the best source and ``none``, and
 the exact configs and cache keys.  ``<name>.json`` holds every number.
 Adding an MLLM = naming one more source (``--mllm none,imported:qwen,imported:/my/caps``).
@@ -40,6 +41,7 @@ def summarise(source: str, runs: list, modalities: dict) -> dict:
     for split in ("val", "test"):
         for c in COLS:
             row[f"{split}_{c}"] = _ms([r.metrics[split][c] for r in runs if split in r.metrics])
+    row["train_s"] = _ms([float(r.metrics.get("wall_s", 0.0)) for r in runs])  # what one run of this source costs
     labels = list(runs[0].metrics["test"]["per_label"]) if runs and "test" in runs[0].metrics else []
     row["per_label_f1"] = {lab: _ms([r.metrics["test"]["per_label"][lab]["f1"] for r in runs])[0] for lab in labels}
     row["support"] = {lab: runs[0].metrics["test"]["per_label"][lab]["support"] for lab in labels}
@@ -56,12 +58,13 @@ def sig_cells(sig: dict | None) -> list[str]:
 
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["MLLM", "CapLen", "Acc", "P", "R", "F1", "ΔF1 vs none", "95% CI", "p", "significant", "val F1"]
+    head = ["MLLM", "CapLen", "Acc", "P", "R", "F1", "ΔF1 vs none", "95% CI", "p", "significant", "val F1", "min/run"]
     out = []
     for r in rows:
         cap = f"{r['caplen']:.1f}" if r["captions"] else "-"
         out.append([r["name"], cap, pct(r["test_acc"]), pct(r["test_precision"]), pct(r["test_recall"]),
-                    pct(r["test_f1"]), *sig_cells(r.get("significance")), pct(r["val_f1"])])
+                    pct(r["test_f1"]), *sig_cells(r.get("significance")), pct(r["val_f1"]),
+                    f"{r['train_s'][0] / 60:.1f}" if "train_s" in r else ""])
     return head, out
 
 
@@ -126,6 +129,15 @@ def per_label_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None
     return head, out
 
 
+def training_line(meta: dict) -> str:
+    """What the report's runs cost: every run's own wall time, reused ones included, against the
+    time this report took (a report that reuses finished runs takes seconds)."""
+    n, total, reused = meta.get("runs", 0), meta.get("runs_wall_s", 0.0), meta.get("runs_reused", 0)
+    return (f"Training: {n} run(s), {total / 3600:.2f} h of run time in all ({reused} reused from earlier reports or "
+            f"`camim train`; min/run = the mean wall time of one run of that source); this report took "
+            f"{meta['wall_s'] / 60:.1f} min.")
+
+
 def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{name}.png"
@@ -149,7 +161,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
         md += ["## Per-relation test F1 (best source and `none`)", "", md_table(*pl), ""]
     md += ["## Configuration", "", "Trainer and head options:", "", "```json", json.dumps(meta["options"], indent=2, sort_keys=True),
            "```", "", "Runs and cache keys per source:", "", "```json", json.dumps(configs, indent=2, sort_keys=True), "```", "",
-           f"Report built in {meta['wall_s']:.1f}s.", ""]
+           training_line(meta), ""]
     paths = {"md": out_dir / f"{name}.md", "html": out_dir / f"{name}.html", "png": png, "json": out_dir / f"{name}.json",
              "tex": out_dir / f"{name}.tex"}
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
@@ -160,7 +172,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
              f"<p>{html.escape(SIG_NOTE)}</p>"]
     if meta.get("smoke"):
         parts += [f"<p><strong>{html.escape(meta['smoke'])}</strong></p>"]
-    parts += [html_table(head, body),
+    parts += [html_table(head, body), f"<p>{html_text(training_line(meta))}</p>",
              f"<p><img src='{html.escape(png.name)}' alt='test F1 per caption source'></p>"]
     if pl:
         parts += ["<h2>Per-relation test F1 (best source and none)</h2>", html_table(*pl)]
@@ -235,12 +247,15 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     name = name or rconf.get("name", "captions")
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},
-            "wall_s": time.perf_counter() - t0, "alpha": 0.05, "smoke": smoke}
+            "wall_s": time.perf_counter() - t0, "alpha": 0.05, "smoke": smoke,
+            "runs": total, "runs_reused": total - len(trained),
+            "runs_wall_s": sum(float(r.metrics.get("wall_s", 0.0)) for rs in runs_by.values() for r in rs)}
     paths = write_report(rows, meta, settings.reports_dir, name)
     head, body = table_rows(rows)
     if smoke:
         print(smoke)
     print(text_table(head, body))
+    print("report: " + training_line(meta))
     print(f"report: {len(sources)} source(s) x {len(seeds)} seed(s) in {meta['wall_s']:.1f}s -> {paths['md']}, {paths['html']}, "
           f"{paths['png']}, {paths['tex']}")
     return {"rows": rows, "paths": paths, "meta": meta}

@@ -135,6 +135,12 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     assert sig["n_seeds"] == 2 and sig["n_items"] == sum(1 for r in env_records(env) if r["split"] == "test")
     assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
     assert "95% CI" in md and "paired two-level bootstrap" in md
+    # what the comparison cost: 4 runs, all trained here, and their summed wall time
+    meta = out["meta"]
+    assert meta["runs"] == 4 and meta["runs_reused"] == 0
+    assert meta["runs_wall_s"] == pytest.approx(sum(json.loads((env.runs_dir / run / "metrics.json").read_text())["wall_s"]
+                                                   for r in out["rows"] for run in r["runs"]), rel=1e-6)
+    assert "Training: 4 run(s)" in md and "min/run" in md
     tex = out["paths"]["tex"].read_text()
     assert "\\toprule" in tex and "QwenVL-Plus" in tex and "\\pm" in tex
 

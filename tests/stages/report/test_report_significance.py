@@ -79,3 +79,21 @@ def test_the_report_progress_line_counts_runs_and_estimates_from_trained_runs_on
     line = progress_line(2, 6, [600.0, 1200.0], 1800.0)
     assert line.startswith("2/6 runs in 30.0 min (4 to go") and "about 60 min more at 15.0 min a run" in line
     assert progress_line(6, 6, [600.0], 3600.0) == "6/6 runs in 60.0 min (0 to go)"
+
+
+def test_the_report_gives_each_sources_run_time_and_the_total_including_reused_runs():
+    """A report that reuses finished runs takes seconds; what the comparison cost is the runs' own time."""
+    from types import SimpleNamespace
+
+    from stages.report import summarise, table_rows, training_line
+
+    def run(seed, wall):
+        split = {"acc": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "per_label": {"/per/per/peer": {"f1": 0.5, "support": 3}}}
+        return SimpleNamespace(run_id=f"r{seed}", config={"cache_keys": {}}, metrics={"seed": seed, "val": split, "test": split, "wall_s": wall})
+
+    row = summarise("imported:qwen", [run(1, 600.0), run(2, 1200.0)], {"captions": 10, "caption_len_words": 9.0})
+    assert row["train_s"][0] == 900.0
+    head, body = table_rows([row])
+    assert head[-1] == "min/run" and body[0][-1] == "15.0"
+    line = training_line({"runs": 2, "runs_reused": 2, "runs_wall_s": 1800.0, "wall_s": 30.0})
+    assert line.startswith("Training: 2 run(s), 0.50 h of run time in all (2 reused") and line.endswith("this report took 0.5 min.")
