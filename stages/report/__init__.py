@@ -64,7 +64,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         cap = f"{r['caplen']:.1f}" if r["captions"] else "-"
         out.append([r["name"], cap, pct(r["test_acc"]), pct(r["test_precision"]), pct(r["test_recall"]),
                     pct(r["test_f1"]), *sig_cells(r.get("significance")), pct(r["val_f1"]),
-                    f"{r['train_s'][0] / 60:.1f}" if "train_s" in r else ""])
+                    f"{r['train_s'][0] / 60:.1f}"])
     return head, out
 
 
@@ -132,8 +132,7 @@ def per_label_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None
 def training_line(meta: dict) -> str:
     """What the report's runs cost: every run's own wall time, reused ones included, against the
     time this report took (a report that reuses finished runs takes seconds)."""
-    n, total, reused = meta.get("runs", 0), meta.get("runs_wall_s", 0.0), meta.get("runs_reused", 0)
-    return (f"Training: {n} run(s), {total / 3600:.2f} h of run time in all ({reused} reused from earlier reports or "
+    return (f"Training: {meta['runs']} run(s), {meta['runs_wall_s'] / 3600:.2f} h of run time in all ({meta['runs_reused']} reused from earlier reports or "
             f"`camim train`; min/run = the mean wall time of one run of that source); this report took "
             f"{meta['wall_s'] / 60:.1f} min.")
 
