@@ -34,7 +34,8 @@ false`` uses the cut-level states frozen.
 Options (``[train]``): ``hidden`` (256), ``heads`` (4),
 ``text_layers`` (1), ``dropout`` (0.1), ``cls_dropout`` (0.5), ``align``
 (``W&S`` | ``W`` | ``S``), ``mi`` (``O&G`` | ``(O+G)&F`` | ``T&F`` | ``(O+G)&T`` |
-``off``), ``alpha`` (0.1), ``tau`` (1.0, InfoNCE temperature).
+``off``), ``alpha`` (0.1), ``tau`` (1.0, InfoNCE temperature), ``cap_drop`` (0.0: the share of
+training samples whose caption is hidden, per batch).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class CamHead(TopHead, nn.Module):
     dataset = "re"
     #: every option this head reads, with its default (a mistyped --opt key is an error naming these)
     OPTIONS = {"hidden": 128, "heads": 2, "text_layers": 0, "dropout": 0.1, "cls_dropout": 0.5, "align": "W&S",
-               "mi": "O&G", "alpha": 0.1, "tau": 1.0, **TOP_OPTIONS}
+               "mi": "O&G", "alpha": 0.1, "tau": 1.0, "cap_drop": 0.0, **TOP_OPTIONS}
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()
@@ -120,6 +121,9 @@ class CamHead(TopHead, nn.Module):
             raise PipelineError(f"train.mi must be one of {', '.join(MI_PAIRS)}, not {self.mi!r}")
         self.alpha = float(o["alpha"])
         self.tau = float(o["tau"])
+        self.cap_drop = float(o["cap_drop"])
+        if not 0.0 <= self.cap_drop < 1.0:
+            raise PipelineError(f"train.cap_drop must be in [0, 1), not {self.cap_drop}")
         d = int(o["hidden"])
         heads = int(o["heads"])
         p = float(o["dropout"])
@@ -221,8 +225,16 @@ class CamHead(TopHead, nn.Module):
         ent = torch.cat([e[ar, batch["h_idx"]], e[ar, batch["h_end"]], e[ar, batch["t_idx"]], e[ar, batch["t_end"]]], -1)
         return {"O": o_final, "G": g_final, "F": f_final, "T": masked_mean(t, sm), "rep": torch.cat([ent, f_final], -1)}
 
+    def drop_captions(self, batch: dict) -> dict:
+        """Caption dropout (training only): each sample loses its caption with probability ``cap_drop``,
+        as if its MLLM had written none, so the head cannot lean on captions it will find unhelpful."""
+        if not (self.training and self.cap_drop > 0 and "cap_mask" in batch):
+            return batch
+        keep = torch.rand(batch["cap_mask"].shape[0], device=batch["cap_mask"].device) >= self.cap_drop
+        return {**batch, "cap_mask": batch["cap_mask"] & keep[:, None], "has_cap": batch["has_cap"] & keep}
+
     def forward(self, batch: dict) -> dict:
-        z = self.encode(batch)
+        z = self.encode(self.drop_captions(batch))
         logits = self.cls(self.drop(z["rep"]))
         out = {"logits": logits}
         if "label" in batch:

@@ -194,3 +194,35 @@ def test_remote_learns_from_levels():
         h(b)["loss"].backward()
         opt.step()
     assert (h.eval().predict(b) == y).float().mean() > 0.95
+
+
+def test_cam_caption_dropout_hides_whole_captions_in_training_only():
+    from pipeline.errors import PipelineError
+    from stages.train.cam import CamHead
+
+    n, lc = 400, 6
+    dims = {"sent_word": D, "sent_vec": D, "cap_word": D, "cap_vec": D}
+    head = CamHead(dims, 3, {"hidden": 16, "heads": 2, "cap_drop": 0.5})
+    g = torch.Generator().manual_seed(0)
+    has = torch.arange(n) % 4 != 0  # a quarter of the samples have no caption at all
+    batch = {"sent_word": torch.randn(n, 5, D, generator=g), "sent_mask": torch.ones(n, 5, dtype=torch.bool),
+             "sent_vec": torch.randn(n, D, generator=g), "cap_word": torch.randn(n, lc, D, generator=g),
+             "cap_mask": has[:, None] & (torch.arange(lc)[None] < 4), "cap_vec": torch.randn(n, D, generator=g), "has_cap": has,
+             "h_idx": torch.zeros(n, dtype=torch.long), "h_end": torch.ones(n, dtype=torch.long),
+             "t_idx": torch.full((n,), 2), "t_end": torch.full((n,), 3), "label": torch.randint(0, 3, (n,), generator=g)}
+    head.eval()
+    assert head.drop_captions(batch) is batch
+    head.train()
+    torch.manual_seed(1)
+    out = head.drop_captions(batch)
+    kept = out["has_cap"]
+    assert not kept[~has].any()  # no caption appears
+    assert torch.equal(out["cap_mask"].any(1), kept)  # a caption goes whole, with its vector flag
+    assert torch.equal(out["cap_mask"][kept], batch["cap_mask"][kept])
+    share = 1 - kept[has].float().mean().item()
+    assert 0.4 < share < 0.6, share
+    loss = head(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(PipelineError, match="cap_drop"):
+        CamHead(dims, 3, {"cap_drop": 1.0})
