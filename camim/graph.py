@@ -68,13 +68,26 @@ SECTIONS = {"text": None, "image": None, "ground": None, "captions": None, "trai
 def check_profile(conf: dict) -> None:
     """An unknown section (or [report] setting) is an error naming it and the known ones; the stages
     check their own sections ([text], [image], [ground], [train] with every head's options)."""
-    unknown = sorted(set(conf) - set(SECTIONS))
+    unknown = sorted(set(conf) - set(SECTIONS) - {"tasks"})
     if unknown:
-        raise PipelineError(f"profile: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+        raise PipelineError(f"profile: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)}, tasks.<task>)")
+    _check_sections(conf, "")
+    from stages.data import TASKS
+
+    for task, over in (conf.get("tasks") or {}).items():
+        if task not in TASKS.names():
+            raise PipelineError(f"profile: [tasks.{task}]: unknown task (known: {', '.join(TASKS.names())})")
+        if not isinstance(over, dict) or set(over) - set(SECTIONS):
+            bad = ", ".join(sorted(set(over) - set(SECTIONS))) if isinstance(over, dict) else repr(over)
+            raise PipelineError(f"profile: [tasks.{task}] holds sections only ({', '.join(SECTIONS)}), not {bad}")
+        _check_sections(over, f"tasks.{task}.")
+
+
+def _check_sections(conf: dict, prefix: str) -> None:
     for name, known in SECTIONS.items():
         typo = sorted(set(conf.get(name) or {}) - set(known)) if known else []
         if typo:
-            raise PipelineError(f"[{name}] unknown setting(s): {', '.join(typo)} (known: {', '.join(known)})")
+            raise PipelineError(f"[{prefix}{name}] unknown setting(s): {', '.join(typo)} (known: {', '.join(known)})")
 
 
 def build(settings: Settings, mllms: list[str] | None = None) -> Graph:

@@ -50,7 +50,20 @@ def load_profile(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
         base = parent
     else:
         base = str(Path(parent) if Path(parent).is_absolute() else path.parent / parent)
-    return merge(load_profile(base, (*_seen, str(path.resolve()))), conf)
+    return extend(load_profile(base, (*_seen, str(path.resolve()))), conf)
+
+
+def extend(parent: dict, child: dict) -> dict:
+    """A profile over its parent: ``merge``, except that a setting the child gives in a plain
+    section also beats the parent's task blocks (``[tasks.<task>.<section>]``) for it, so the
+    more specific profile always wins; within one profile the task block wins."""
+    parent = copy.deepcopy(parent)
+    for blocks in (parent.get("tasks") or {}).values():
+        for sec, vals in child.items():
+            if sec != "tasks" and isinstance(vals, dict) and isinstance(blocks.get(sec), dict):
+                for k in vals:
+                    blocks[sec].pop(k, None)
+    return merge(parent, child)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -144,4 +157,8 @@ class Settings:
         return [m.strip() for m in self.mllm.split(",") if m.strip()]
 
     def section(self, name: str) -> dict:
-        return dict(self.conf.get(name, {}))
+        """The profile's ``[name]`` with the running task's ``[tasks.<task>.<name>]`` merged over it
+        (a profile can give one task its own text cut, head or epochs)."""
+        base = dict(self.conf.get(name, {}))
+        over = ((self.conf.get("tasks") or {}).get(self.task) or {}).get(name)
+        return merge(base, over) if over else base

@@ -30,3 +30,22 @@ def test_a_user_profile_extends_by_name_or_path_and_a_circle_is_an_error(tmp_pat
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
     with pytest.raises(PipelineError, match="circle"):
         load_profile(str(tmp_path / "a.toml"))
+
+
+def test_a_child_profile_beats_its_parents_task_blocks(tmp_path):
+    """Offline tunes every MiniLM layer for Twitter ([tasks.twitter17.text] cut = 6); a profile that
+    extends it and sets [text] cut gets its own cut for Twitter too, and its own task block wins over that."""
+    from pipeline.config import Settings
+
+    def cut(profile, task):
+        return Settings(profile=profile, cache_dir=tmp_path / "c", task=task).section("text")["cut"]
+
+    assert cut("offline", "twitter17") == 6 and cut("offline", "mnre") == 2
+    assert cut("offline-levels", "twitter17") == 0 and cut("offline-levels", "mnre") == 0
+    assert cut("paper", "twitter15") == 12 and cut("paper", "mnre") == 2
+    (tmp_path / "one.toml").write_text('extends = "offline"\n[text]\ncut = 1\n')
+    assert cut(str(tmp_path / "one.toml"), "twitter17") == 1
+    (tmp_path / "own.toml").write_text('extends = "one.toml"\n[tasks.twitter17.text]\ncut = 3\n')
+    assert cut(str(tmp_path / "own.toml"), "twitter17") == 3 and cut(str(tmp_path / "own.toml"), "twitter15") == 1
+    tw = Settings(profile="offline", cache_dir=tmp_path / "c", task="twitter15").section("train")
+    assert tw["head"] == "vecmner" and tw["heads"] == 4 and tw["epochs"] == 15

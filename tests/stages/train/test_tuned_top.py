@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.config import Settings, load_profile, merge
+from pipeline.config import Settings, extend, load_profile, merge
 from stages.train.tuned_top import BERT_NAMES
 from tests.helpers import save_tiny_bert
 
@@ -114,7 +114,7 @@ def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
     from stages.train.trainer import train_one
     from tests.stages.train.test_ner_train import small_twitter
 
-    conf = merge(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
+    conf = extend(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
                                            "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})
     s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none", conf=conf)
     data = build_ner_data(s, "none", inputs_for(s, "none"))
