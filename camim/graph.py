@@ -77,9 +77,9 @@ def check_profile(conf: dict) -> None:
     for task, over in (conf.get("tasks") or {}).items():
         if task not in TASKS.names():
             raise PipelineError(f"profile: [tasks.{task}]: unknown task (known: {', '.join(TASKS.names())})")
-        if not isinstance(over, dict) or set(over) - set(SECTIONS):
-            bad = ", ".join(sorted(set(over) - set(SECTIONS))) if isinstance(over, dict) else repr(over)
-            raise PipelineError(f"profile: [tasks.{task}] holds sections only ({', '.join(SECTIONS)}), not {bad}")
+        extra = sorted(set(over) - set(SECTIONS)) if isinstance(over, dict) else [repr(over)]
+        if extra:
+            raise PipelineError(f"profile: [tasks.{task}] holds sections only ({', '.join(SECTIONS)}), not {', '.join(extra)}")
         _check_sections(over, f"tasks.{task}.")
 
 

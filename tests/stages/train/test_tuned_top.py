@@ -115,7 +115,7 @@ def test_vecmner_trains_with_the_tuned_top(tmp_path, tiny_bert3):
     from tests.stages.train.test_ner_train import small_twitter
 
     conf = extend(load_profile("offline"), {"text": {"model": str(tiny_bert3), "cut": 1, "compute_dtype": "fp32"},
-                                           "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})
+                                            "train": {"epochs": 1, "d": 16, "heads": 2, "ffn": 32}})
     s = Settings(task="twitter17", source=str(small_twitter(tmp_path)), cache_dir=tmp_path / "c", mllm="none", conf=conf)
     data = build_ner_data(s, "none", inputs_for(s, "none"))
     assert data.dims["top_layers"] == 1 and data.dims["text_levels"] == 1
