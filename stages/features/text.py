@@ -15,6 +15,12 @@ entity markers, at ``max_len``; ``word`` and ``sent`` as above, and the row
 word cut off by ``max_len``).  A word the tokenizer turns into no piece at all (a lone
 NBSP, a stray control character) is encoded as the unknown token, so every word has one.
 
+``links = "fold"`` reads every word that is a web link (``http://…``, ``https://…``,
+``www.…``) as the one word ``http``, in sentences and token items (not captions): a
+Twitter-2015 ``http://t.co/…`` link is otherwise about 15 random word pieces.  The word
+keeps its place, so labels and entity spans are untouched.  ``"keep"`` (the default)
+encodes the words as given.
+
 Entity markers:
   * ``unused`` (CAMIM): ``[unused0] head [unused1]``, ``[unused2] tail [unused3]``;
   * ``punct``: ``@ head @`` and ``# tail #`` (typed-marker style punctuation, which a
@@ -23,6 +29,8 @@ Entity markers:
 """
 
 from __future__ import annotations
+
+import re
 
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
@@ -67,6 +75,15 @@ def caption_item(text: str) -> dict:
     return {"item_key": caption_item_key(text), "kind": "caption", "text": text}
 
 
+LINKS = ("keep", "fold")
+LINK = re.compile(r"(?:https?://|www\.)\S", re.IGNORECASE)
+
+
+def fold_links(words: list[str]) -> list[str]:
+    """Every word that is a web link, as the one word ``http``."""
+    return ["http" if LINK.match(w) else w for w in words]
+
+
 def mark_tokens(tokens: list[str], h: tuple[int, int], t: tuple[int, int], markers: str) -> tuple[list[str], list[int]]:
     """Insert entity markers; return the words and the word indices of
     (h_open, h_close, t_open, t_close) (for ``none``: first and last entity word)."""
@@ -98,7 +115,7 @@ class TextFeatureStage(Stage):
 
     #: the [text] settings this stage reads
     SETTINGS = ("model", "revision", "max_len", "caption_max_len", "markers", "layers", "store_dtype", "cut", "compute_dtype",
-                "batch_size")
+                "batch_size", "links")
 
     def __init__(self, conf: dict, device: str = "auto"):
         unknown = sorted(set(conf) - set(self.SETTINGS))
@@ -113,7 +130,10 @@ class TextFeatureStage(Stage):
             "layers": [int(x) for x in conf.get("layers", [-1])],
             "store_dtype": conf.get("store_dtype", "float16"),
             "cut": int(conf.get("cut", 0) or 0),
+            "links": conf.get("links", "keep"),
         }
+        if self.conf["links"] not in LINKS:
+            raise PipelineError(f"text.links must be one of {', '.join(LINKS)}, not {self.conf['links']!r}")
         if self.conf["cut"] < 0:
             raise PipelineError(f"text.cut must be 0 (frozen) or the number of top layers to tune, not {self.conf['cut']}")
         if self.conf["cut"] and self.conf["layers"] != [-1]:
@@ -133,6 +153,8 @@ class TextFeatureStage(Stage):
         c["compute_dtype"] = self.compute_dtype
         if not c["cut"]:  # cut 0 is the frozen behaviour: the key stays what it was before cuts existed
             c.pop("cut")
+        if c["links"] == "keep":  # likewise for words encoded as given
+            c.pop("links")
         return c
 
     def label(self) -> str:
@@ -201,6 +223,9 @@ class TextFeatureStage(Stage):
     def teardown(self) -> None:
         self.model = None
 
+    def _words(self, words) -> list[str]:
+        return fold_links(list(words)) if self.conf["links"] == "fold" else list(words)
+
     def _encode(self, batch_words: list[list[str]] | None, texts: list[str] | None, max_len: int):
         torch = self._torch
         if batch_words is not None:
@@ -232,7 +257,7 @@ class TextFeatureStage(Stage):
         if toks:
             out.update(self._run_tokens(toks, sd))
         if sents:
-            marked = [mark_tokens(it["tokens"], it["h"], it["t"], self.conf["markers"]) for it in sents]
+            marked = [mark_tokens(self._words(it["tokens"]), it["h"], it["t"], self.conf["markers"]) for it in sents]
             enc, h, sent = self._encode([m[0] for m in marked], None, self.conf["max_len"])
             for b, it in enumerate(sents):
                 n = int(enc["attention_mask"][b].sum())
@@ -272,7 +297,7 @@ class TextFeatureStage(Stage):
         return [out[it["item_key"]] for it in batch]
 
     def _run_tokens(self, items: list[dict], sd) -> dict[str, ItemResult]:
-        words = [list(it["tokens"]) for it in items]
+        words = [self._words(it["tokens"]) for it in items]
         flat = [w for ws in words for w in ws]
         pieces = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
         empty = {w for w, p in zip(flat, pieces) if not p}

@@ -49,3 +49,6 @@ def test_a_child_profile_beats_its_parents_task_blocks(tmp_path):
     assert cut(str(tmp_path / "own.toml"), "twitter17") == 3 and cut(str(tmp_path / "own.toml"), "twitter15") == 1
     tw = Settings(profile="offline", cache_dir=tmp_path / "c", task="twitter15").section("train")
     assert tw["head"] == "vecmner" and tw["heads"] == 4 and tw["epochs"] == 15
+    links = {(p, t): Settings(profile=p, cache_dir=tmp_path / "c", task=t).section("text")["links"]
+             for p in ("offline", "paper") for t in ("twitter15", "twitter17", "mnre")}
+    assert {k for k, v in links.items() if v == "fold"} == {("offline", "twitter15"), ("paper", "twitter15")}

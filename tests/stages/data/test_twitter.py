@@ -86,3 +86,25 @@ def test_bad_bytes_spoil_one_tweet_not_the_file(tmp_path):
     assert f"{p}:5" in str(e.value) and "not UTF-8" in str(e.value)
     res = read_conll(p, "train", on_error="skip")
     assert [r["img_id"] for r in res.rows] == ["1.jpg", "3.jpg"] and res.skipped[0]["line"] == 5
+
+
+def test_folded_links_are_one_piece_and_keep_word_positions():
+    from pipeline.errors import PipelineError
+    from stages.features.text import TextFeatureStage, fold_links, tokens_item
+
+    assert fold_links(["see", "http://t.co/Z3neVBQ7vF", "HTTPS://x.y", "www.bbc.co.uk", "http", "httpx"]) == \
+        ["see", "http", "http", "http", "http", "httpx"]
+    words = ["Swan", "upping", ":", "http://t.co/Z3neVBQ7vF", "Windsor", "http://t.co/pQdOHx3s"]
+    keep = TextFeatureStage(Settings().section("text"), device="cpu")
+    fold = TextFeatureStage(dict(Settings().section("text"), links="fold"), device="cpu")
+    assert "links" not in keep.key_config() and keep.key != fold.key  # "keep" leaves older keys as they were
+    keep.setup()
+    fold.setup()
+    a, b = keep.run([tokens_item({"tokens": words})])[0], fold.run([tokens_item({"tokens": words})])[0]
+    assert b.row["n_pieces"] == a.row["n_pieces"] - 15 - 14  # the two links: 16 and 15 pieces, now 1 each
+    fb = b.row["word_first"]
+    assert len(fb) == len(words) and fb[:4] == a.row["word_first"][:4] and fb[4] == fb[3] + 1 and fb[5] == fb[4] + 1
+    ids = fold.tok(fold_links(words), is_split_into_words=True)["input_ids"]
+    assert ids[fb[3]] == ids[fb[5]] == fold.tok.convert_tokens_to_ids("http")
+    with pytest.raises(PipelineError, match="links"):
+        TextFeatureStage(dict(Settings().section("text"), links="drop"))
