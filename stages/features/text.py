@@ -224,7 +224,7 @@ class TextFeatureStage(Stage):
         self.model = None
 
     def _words(self, words) -> list[str]:
-        return fold_links(list(words)) if self.conf["links"] == "fold" else list(words)
+        return fold_links(words) if self.conf["links"] == "fold" else list(words)
 
     def _encode(self, batch_words: list[list[str]] | None, texts: list[str] | None, max_len: int):
         torch = self._torch
