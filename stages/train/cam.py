@@ -26,7 +26,8 @@ producing NaN.
 
 Tuned top (``text.cut = k`` > 0 in the profile, see :mod:`stages.train.tuned_top`): the
 cached states are those entering the encoder's last ``k`` layers; copies of those
-pretrained layers read the sentence and its caption jointly (``joint``, default true),
+pretrained layers read the sentence and its caption jointly (``joint``, default true; ``"memory"``:
+the sentence reads the frozen encoder's caption states, and C_W is those states),
 learn at ``top_lr`` (1e-4), and T_W / C_W / the sentence vectors are taken from their
 output; the classifier reads the tuned entity-marker states directly.  ``tune_top =
 false`` uses the cut-level states frozen.
@@ -197,7 +198,7 @@ class CamHead(TopHead, nn.Module):
         cw, cvec = (batch["cap_word"], batch["cap_vec"]) if has_cap else (None, None)
         svec = batch["sent_vec"]
         if self.top is not None:  # cut-level states through the tuned layers; vectors from their output
-            sw, cw = self.top(sw, sm, cw, batch["cap_mask"] if has_cap else None)
+            sw, cw = self.top(sw, sm, cw, batch["cap_mask"] if has_cap else None, batch.get("cap_levels") if has_cap else None)
             svec = masked_mean(sw, sm)
             if has_cap:
                 cvec = masked_mean(cw, batch["cap_mask"])

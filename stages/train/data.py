@@ -73,6 +73,8 @@ class TrainData:
     pretrained: dict = field(default_factory=dict)
     # the models behind the features, as they enter cache keys (hub ids with their commit sha)
     models: dict = field(default_factory=dict)
+    # derived once per run by a head that asks for it (a memory-reading tuned top's frozen caption states)
+    cap_levels: Ragged | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -117,6 +119,8 @@ class TrainData:
         }
         if "cap_word" in self.dims:
             b.update(cap_word=cw.to(dtype), cap_mask=cm, cap_vec=self.cap_vec[rows].to(dtype), has_cap=self.has_cap[rows])
+            if self.cap_levels is not None:
+                b["cap_levels"] = self.cap_levels.pad(rows)[0].to(dtype)
         for name, t in self.streams.items():
             v = t[rows]
             b[name] = v.to(dtype) if v.is_floating_point() else v

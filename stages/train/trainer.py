@@ -303,6 +303,8 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     if hasattr(model, "load_pretrained") and getattr(data, "pretrained", None):
         model.load_pretrained(data.pretrained)  # e.g. the cached top layers (still nothing but the cache)
     model = model.to(device)
+    if hasattr(model, "prepare_data"):
+        model.prepare_data(data)  # e.g. a memory-reading top's frozen caption states, once per run
     metrics = metric_fn(head_cls)
     train_rows = data.splits.get("train")
     if train_rows is None or "val" not in data.splits:

@@ -14,6 +14,15 @@ caption's states, under one padding mask, so every sentence piece attends to the
 caption (and back) in every tuned layer.  ``joint = false`` runs the two through the
 same layers separately.
 
+Memory reading (``joint = "memory"``): the sentence reads the caption as the pretrained
+encoder wrote it.  Each tuned layer's queries are the sentence's pieces only; its keys and
+values are ``[sentence ; caption]``, the caption's taken from the states ENTERING that layer
+in the frozen pretrained top (plus the segment embedding).  Those frozen caption states are
+computed once per run (:meth:`TopHead.prepare_data`, from the cached cut-level states and the
+cached pretrained weights, so still nothing but the cache), and the caption never runs through
+the tuned layers: per caption piece a step costs the K and V projections, about a ninth of
+reading it jointly.  The caption stream of a head (C_W, its vector) is the frozen top's output.
+
 The layer is BERT's post-LayerNorm block, written out here so that it loads the
 cached weights by name without any ``transformers`` code:
 ``x = LN(x + O(SelfAttn(x)))``, ``x = LN(x + W2 gelu(W1 x))``.
@@ -62,37 +71,59 @@ class BertBlock(nn.Module):
         # path and a Bernoulli mask of [B, heads, N, N] (README "Tuned top layers": its cost)
         self.pa = attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, mem: tuple | None = None) -> torch.Tensor:
         """``x``: the real pieces only, flat ``[T, d]``; ``idx``: their places in the padded
         ``[B·N]`` grid of ``mask`` (``[B, N]``).  Every linear layer runs on real pieces alone:
-        padding costs nothing but inside the attention product."""
+        padding costs nothing but inside the attention product.  ``mem`` = ``(m, m_mask, m_idx)``
+        in the same flat form: extra keys and values only (memory reading), never updated."""
         b, n = mask.shape
         d = x.shape[-1]
 
-        def grid(t):  # flat real pieces -> [B, heads, N, d/heads], zeros at padding
+        def grid(t, idx=idx, n=n):  # flat real pieces -> [B, heads, N, d/heads], zeros at padding
             g = t.new_zeros(b * n, d).index_copy(0, idx, t)
             return g.view(b, n, self.h, d // self.h).transpose(1, 2)
 
-        att = F.scaled_dot_product_attention(grid(self.q(x)), grid(self.k(x)), grid(self.v(x)),
-                                             attn_mask=mask[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
+        k, v, keep = grid(self.k(x)), grid(self.v(x)), mask
+        if mem is not None:
+            m, m_mask, m_idx = mem
+            k = torch.cat([k, grid(self.k(m), m_idx, m_mask.shape[1])], 2)
+            v = torch.cat([v, grid(self.v(m), m_idx, m_mask.shape[1])], 2)
+            keep = torch.cat([mask, m_mask], 1)
+        att = F.scaled_dot_product_attention(grid(self.q(x)), k, v,
+                                             attn_mask=keep[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
         att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
         x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
         y = self.fc2(F.gelu(self.fc1(x)))
         return self.ln2(x + F.dropout(y, self.p, self.training))
 
 
+JOINT = (True, False, "memory")
+
+
 class TunedTop(nn.Module):
     """``k`` pretrained layers over cut-level states; see the module doc."""
 
-    def __init__(self, dims: dict, joint: bool = True, dropout: float = TOP_OPTIONS["top_dropout"],
+    def __init__(self, dims: dict, joint: bool | str = True, dropout: float = TOP_OPTIONS["top_dropout"],
                  attn_dropout: float = TOP_OPTIONS["top_attn_dropout"]):
         super().__init__()
+        if joint not in JOINT:
+            raise PipelineError(f"train.joint must be true, false or \"memory\", not {joint!r}")
         d = int(dims["sent_word"])
         self.n = int(dims["top_layers"])
         shape = (d, int(dims["top_heads"]), int(dims["top_ffn"]), float(dims["top_eps"]))
         self.layers = nn.ModuleList(BertBlock(*shape, dropout, attn_dropout) for _ in range(self.n))
         self.joint = joint
-        self.segment = nn.Parameter(torch.zeros(d))  # added to caption states in joint reading
+        self.segment = nn.Parameter(torch.zeros(d))  # added to caption states in joint and memory reading
+        # memory reading: the pretrained layers, never trained, that write the caption's states
+        self.frozen = nn.ModuleList(BertBlock(*shape, 0.0, 0.0) for _ in range(self.n)) if joint == "memory" else None
+        if self.frozen is not None:
+            self.frozen.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen is not None:
+            self.frozen.eval()
+        return self
 
     def load_cached(self, state: dict[str, torch.Tensor]) -> None:
         """Copy the cached pretrained weights (``"<i>.<bert name>.weight"``) into the layers."""
@@ -103,7 +134,9 @@ class TunedTop(nn.Module):
             if mod not in BERT_NAMES:
                 continue
             own[f"layers.{i}.{BERT_NAMES[mod]}.{kind}"] = t
-        missing = [k for k in self.state_dict() if k.startswith("layers.") and k not in own]
+            if self.frozen is not None:
+                own[f"frozen.{i}.{BERT_NAMES[mod]}.{kind}"] = t
+        missing = [k for k in self.state_dict() if k.startswith(("layers.", "frozen.")) and k not in own]
         if missing:
             raise PipelineError(f"cached top layers lack {len(missing)} weight(s), e.g. {missing[0]}; re-run features")
         self.load_state_dict(own, strict=False)
@@ -116,10 +149,44 @@ class TunedTop(nn.Module):
             flat = layer(flat, mask, idx)
         return flat.new_zeros(b * n, d).index_copy(0, idx, flat).view(b, n, d)
 
-    def forward(self, s: torch.Tensor, s_mask: torch.Tensor, c: torch.Tensor | None, c_mask: torch.Tensor | None):
-        """Sentence states ``[B, L, D]`` (and caption ``[B, Lc, D]``) → the same shapes after the tuned layers."""
+    @torch.no_grad()
+    def caption_levels(self, c: torch.Tensor, c_mask: torch.Tensor) -> torch.Tensor:
+        """Memory reading: the caption's states leaving each frozen pretrained layer, ``[B, Lc, k·D]``
+        (zeros at padding)."""
+        b, n, d = c.shape
+        idx = c_mask.reshape(-1).nonzero().squeeze(1)
+        flat = c.reshape(b * n, d).index_select(0, idx)
+        out = []
+        for layer in self.frozen:
+            flat = layer(flat, c_mask, idx)
+            out.append(flat.new_zeros(b * n, d).index_copy(0, idx, flat).view(b, n, d))
+        return torch.cat(out, -1)
+
+    def read_memory(self, s, s_mask, c, c_mask, c_levels=None):
+        """Memory reading (module doc): the sentence through the tuned layers, every layer's keys and
+        values extended by the frozen caption states entering it; returns the sentence and the frozen
+        top's caption output."""
+        if c_levels is None:
+            c_levels = self.caption_levels(c, c_mask)
+        b, n, d = s.shape
+        levels = [c, *c_levels.to(c.dtype).split(d, -1)]
+        idx = s_mask.reshape(-1).nonzero().squeeze(1)
+        m_idx = c_mask.reshape(-1).nonzero().squeeze(1)
+        flat = s.reshape(b * n, d).index_select(0, idx)
+        seg = self.segment.to(c.dtype)
+        for layer, mem in zip(self.layers, levels):
+            m = mem.reshape(-1, d).index_select(0, m_idx) + seg
+            flat = layer(flat, s_mask, idx, (m, c_mask, m_idx))
+        return flat.new_zeros(b * n, d).index_copy(0, idx, flat).view(b, n, d), levels[-1]
+
+    def forward(self, s: torch.Tensor, s_mask: torch.Tensor, c: torch.Tensor | None, c_mask: torch.Tensor | None,
+                c_levels: torch.Tensor | None = None):
+        """Sentence states ``[B, L, D]`` (and caption ``[B, Lc, D]``) → the same shapes after the tuned layers.
+        ``c_levels``: memory reading's frozen caption states, when precomputed (:meth:`TopHead.prepare_data`)."""
         if c is None:
             return self.run(s, s_mask), None
+        if self.joint == "memory":
+            return self.read_memory(s, s_mask, c, c_mask, c_levels)
         if self.joint:
             n = s.shape[1]
             x = torch.cat([s, c + self.segment.to(c.dtype)], 1)
@@ -142,7 +209,7 @@ class TopHead:
         self.top = None
         o = {**TOP_OPTIONS, **o}  # the defaults live in TOP_OPTIONS only
         if "top_layers" in dims and bool(o["tune_top"]):
-            self.top = TunedTop(dims, joint=bool(o["joint"]), dropout=float(o["top_dropout"]),
+            self.top = TunedTop(dims, joint=o["joint"], dropout=float(o["top_dropout"]),
                                 attn_dropout=float(o["top_attn_dropout"]))
             self.top_lr = float(o["top_lr"])
 
@@ -151,9 +218,26 @@ class TopHead:
         if self.top is not None:
             self.top.load_cached(pretrained["text_top"][1])
 
+    def prepare_data(self, data) -> None:
+        """Memory reading: compute every caption's frozen states once per run into ``data.cap_levels``
+        (the batches then carry them as ``cap_levels``); the trainer calls this after
+        :meth:`load_pretrained`.  Anything else needs nothing."""
+        if self.top is None or self.top.joint != "memory" or "cap_word" not in data.dims:
+            return
+        from .data import Ragged
+
+        w = next(self.top.parameters())
+        rows = torch.arange(data.cap.off.shape[0] - 1)
+        parts = []
+        for i in range(0, len(rows), 256):
+            c, m = data.cap.pad(rows[i : i + 256])
+            m = m.to(w.device)
+            parts.append(self.top.caption_levels(c.to(w.device, w.dtype), m)[m].cpu())
+        data.cap_levels = Ragged(torch.cat(parts, 0), data.cap.off)
+
     def lr_scales(self, lr: float) -> list[tuple[list, float]]:
         """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
-        return [(list(self.top.parameters()), self.top_lr / lr)] if self.top is not None else []
+        return [(list(self.top.layers.parameters()) + [self.top.segment], self.top_lr / lr)] if self.top is not None else []
 
     def tuned(self, batch: dict, with_caption: bool = True) -> dict:
         """``batch`` with ``sent_word`` (and ``cap_word``) replaced by the tuned layers' output."""
@@ -161,7 +245,7 @@ class TopHead:
             return batch
         has_cap = with_caption and "cap_word" in batch
         sw, cw = self.top(batch["sent_word"], batch["sent_mask"].bool(), batch["cap_word"] if has_cap else None,
-                          batch["cap_mask"].bool() if has_cap else None)
+                          batch["cap_mask"].bool() if has_cap else None, batch.get("cap_levels") if has_cap else None)
         return {**batch, "sent_word": sw, **({"cap_word": cw} if has_cap else {})}
 
 

@@ -149,3 +149,65 @@ def test_remote_reads_through_the_tuned_top():
     assert lrs == [1e-4, 1e-3]
     frozen = RemoteHead(dims, 5, {"d": 16, "heads": 2, "tune_top": False})
     assert frozen.top is None
+
+
+def test_memory_reading_reads_the_frozen_caption_and_never_updates_it():
+    """joint = "memory": the sentence attends to the caption's frozen states (keys and values only);
+    the caption output is the frozen pretrained top's, and precomputed levels give the same result."""
+    from stages.train.tuned_top import TunedTop
+
+    dims = {"sent_word": 8, "top_layers": 2, "top_heads": 2, "top_ffn": 16, "top_eps": 1e-12}
+    torch.manual_seed(0)
+    ref = TunedTop(dims, joint=False)
+    cached = {f"{i}.{name}.{kind}": p.detach().clone() for i in range(2) for name, short in BERT_NAMES.items()
+              for kind, p in getattr(ref.layers[i], short).named_parameters()}
+    top = TunedTop(dims, joint="memory")
+    top.load_cached(cached)
+    ref.load_cached(cached)
+    top.train()
+    assert not top.frozen.training and not any(p.requires_grad for p in top.frozen.parameters())
+    top.eval()
+    ref.eval()
+    s, c = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    sm, cm = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    sm[1, 3:] = False
+    cm[0, 2:] = False
+    a, ca = top(s, sm, c, cm)
+    b, _ = top(s, sm, c + 1.0, cm)
+    assert not torch.allclose(a, b)  # the sentence reads the caption
+    # the caption side is the pretrained layers' output on the caption alone
+    assert torch.allclose(ca, ref.run(c, cm), atol=1e-5)
+    # no caption keys: exactly the text-only pass
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    assert torch.allclose(top(s, sm, c, none)[0], ref.run(s, sm), atol=1e-5)
+    # precomputed levels (what prepare_data stores) == computed on the fly
+    lv = top.caption_levels(c, cm)
+    assert lv.shape == (2, 4, 16)
+    assert torch.allclose(top(s, sm, c, cm, lv)[0], a)
+    # training moves the tuned layers, never the frozen ones
+    top.train()
+    out, _ = top(s, sm, c, cm)
+    out.sum().backward()
+    assert top.layers[0].k.weight.grad.abs().sum() > 0 and top.segment.grad.abs().sum() > 0
+    assert all(p.grad is None for p in top.frozen.parameters())
+    with pytest.raises(Exception, match="joint"):
+        TunedTop(dims, joint="both")
+
+
+def test_train_with_memory_reading_precomputes_the_caption_states(tmp_path, small_source, tiny_bert3):
+    import camim
+    from stages.train.trainer import train_one
+
+    s = _settings(tmp_path, small_source, tiny_bert3, cut=2, train={"joint": "memory"})
+    data = camim.load(s, "imported:qwen", "cam")
+    res = train_one(s, "imported:qwen", 1, data=data, quiet=True)
+    assert data.cap_levels is not None and data.cap_levels.flat.shape == (data.cap.flat.shape[0], 2 * 16)
+    assert res.config["options"]["joint"] == "memory" and 0.0 <= res.metrics["test"]["f1"] <= 1.0
+    b = data.batch(data.splits["train"][:4])
+    assert b["cap_levels"].shape[:2] == b["cap_word"].shape[:2]
+    from safetensors.torch import load_file
+
+    trained = load_file(str(res.dir / "model.safetensors"))
+    cached = data.pretrained["text_top"][1]
+    assert torch.equal(trained["top.frozen.1.fc2.weight"], cached["1.output.dense.weight"])
+    assert not torch.equal(trained["top.layers.0.k.weight"], cached["0.attention.self.key.weight"])
