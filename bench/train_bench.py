@@ -32,24 +32,39 @@ def _timed_steps(fn, n: int) -> list[float]:
     return out
 
 
-def top_flops(data, dims: dict, joint: bool) -> dict[str, float]:
+def top_flops(data, dims: dict, joint: bool | str) -> dict[str, float]:
     """FLOPs of one epoch of the tuned top: training over the train split (forward + backward;
     the first layer needs no input gradient) and the forward over val, from the real piece counts
-    (with captions read jointly, each sample is sentence + caption pieces)."""
+    (with captions read jointly, each sample is sentence + caption pieces).  Memory reading
+    (``joint = "memory"``): the sentence's layers attend over sentence + caption keys, the caption
+    costs its K and V projections (forward and weight gradient), and ``once`` is the frozen top's
+    forward over every caption, computed once per run."""
     d, f, k = int(dims["sent_word"]), int(dims["top_ffn"]), int(dims["top_layers"])
     lin = 2 * (4 * d * d + 2 * d * f)  # per piece per layer, forward: q k v o + the two FFN matrices
 
+    def lens(split, what):
+        rows = data.splits[split] if split else torch.arange(what.off.shape[0] - 1)
+        return (what.off[rows + 1] - what.off[rows]).double()
+
     def sequences(split):  # piece counts of every sequence the tuned layers read
-        rows = data.splits[split]
-        s = (data.sent.off[rows + 1] - data.sent.off[rows]).double()
+        s = lens(split, data.sent)
         if "cap_word" not in dims:
             return [s]
-        c = (data.cap.off[rows + 1] - data.cap.off[rows]).double()
+        c = lens(split, data.cap)
         return [s + c] if joint else [s, c]
 
     def fwd(split):  # one forward of every tuned layer over the split: linear layers + QK^T and AV
         return k * sum(float((lin * n + 4 * d * n * n).sum()) for n in sequences(split))
 
+    if joint == "memory" and "cap_word" in dims:
+        def parts(split):  # (sentence queries over sentence + caption keys, the caption's K and V) x k layers
+            s, c = lens(split, data.sent), lens(split, data.cap)
+            return k * float((lin * s + 4 * d * s * (s + c)).sum()), k * float((4 * d * d * c).sum())
+
+        (ts, tkv), (vs, vkv) = parts("train"), parts("val") if "val" in data.splits else (0.0, 0.0)
+        c = lens(None, data.cap)
+        return {"train": ts * (3 * k - 1) / k + 2 * tkv, "val": vs + vkv,
+                "once": k * float((lin * c + 4 * d * c * c).sum())}
     train = fwd("train") * (3 * k - 1) / k  # backward = 2x forward, less the input gradient of the first layer
     return {"train": train, "val": fwd("val") if "val" in data.splits else 0.0}
 
@@ -119,12 +134,14 @@ def main(settings=None, argv: list[str] | None = None) -> int:
               f"({8 * n_train / m['train_samples_per_s']:.0f}s of it training)")
 
     if top:  # the floor this CPU puts under the tuned top: its FLOPs at the roofline measured above
-        fl = top_flops(data, data.dims, bool(conf.get("joint", True)))
+        fl = top_flops(data, data.dims, conf.get("joint", True))
         peak = roof["bf16" if m["amp"] == "bfloat16" else "fp32"]
         per_epoch = (fl["train"] + fl["val"]) / (peak * 1e9)
+        once = fl.get("once", 0.0) / (peak * 1e9)
         spent = statistics.fmean(h["seconds"] for h in m["history"])
+        extra = f" + {fl['once'] / 1e12:.1f} TFLOP once a run (memory reading's frozen caption states)" if once else ""
         print(f"roofline floor: the tuned top alone is {(fl['train'] + fl['val']) / 1e12:.1f} TFLOP an epoch "
-              f"(train fwd+bwd and val fwd) -> 8 epochs take at least {8 * per_epoch:.0f}s at {peak:.0f} GFLOP/s; "
+              f"(train fwd+bwd and val fwd){extra} -> 8 epochs take at least {8 * per_epoch + once:.0f}s at {peak:.0f} GFLOP/s; "
               f"the measured epoch ran at {per_epoch / spent:.0%} of that roofline")
 
     # 2. one head step vs one end-to-end step (every encoder layer fwd+bwd + head) on the same batch
@@ -136,6 +153,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     if hasattr(head, "load_pretrained") and data.pretrained:
         head.load_pretrained(data.pretrained)
     head = head.to(device)
+    if hasattr(head, "prepare_data"):
+        head.prepare_data(data)
     opt = adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
@@ -176,7 +195,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
 
     def e2e_step():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            b = dict(batch)
+            b = {k: v for k, v in batch.items() if k != "cap_levels"}  # memory reading: levels from the live encoder
             put(b, "sent_word", states(tok))
             if cap_tok is not None:
                 put(b, "cap_word", states(cap_tok))

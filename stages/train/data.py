@@ -75,6 +75,8 @@ class TrainData:
     models: dict = field(default_factory=dict)
     # derived once per run by a head that asks for it (a memory-reading tuned top's frozen caption states)
     cap_levels: Ragged | None = None
+    # per record, which distinct caption it carries (-1: none); records of one image share one
+    cap_id: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -228,9 +230,10 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     top = load_top(cache.files_dir)
     if feats.stage.conf["cut"] and top is None:
         raise PipelineError(f"text.cut = {feats.stage.conf['cut']} but {cache.files_dir} has no top_layers; re-run features")
+    cap_id = torch.tensor([cpos[k] if h else -1 for k, h in zip(ckeys, has_cap.tolist())], dtype=torch.int64)
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
                      streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
-                     {"text_top": top} if top else {}, model_ids(feats, captions))
+                     {"text_top": top} if top else {}, model_ids(feats, captions), cap_id=cap_id)
 
 
 def model_ids(feats, captions) -> dict:

@@ -139,6 +139,7 @@ class NerData:
     modalities: dict = field(default_factory=dict)
     pretrained: dict = field(default_factory=dict)  # {"text_top": (meta, state)} with text.cut > 0
     models: dict = field(default_factory=dict)  # model identities (hub ids with their commit sha)
+    cap_levels: object | None = None  # a memory-reading tuned top's frozen caption states (TopHead.prepare_data)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -177,6 +178,8 @@ class NerData:
         if self.cap is not None:
             cw, cm = self.cap.pad(rows)
             b.update(cap_word=cw.to(dtype), cap_mask=cm)
+            if self.cap_levels is not None:
+                b["cap_levels"] = self.cap_levels.pad(rows)[0].to(dtype)
         return b
 
     def decode(self, batch: dict, pred: torch.Tensor) -> list[list[int]]:

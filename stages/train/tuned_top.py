@@ -227,13 +227,31 @@ class TopHead:
         from .data import Ragged
 
         w = next(self.top.parameters())
-        rows = torch.arange(data.cap.off.shape[0] - 1)
+        n = data.cap.off.shape[0] - 1
+        cap_id = getattr(data, "cap_id", None)
+        if cap_id is None:  # no caption identities: every record's caption on its own
+            rows, inverse = torch.arange(n), torch.arange(n)
+        else:  # each distinct caption once (records of one image share it), then spread to the records
+            ids, first = {}, []
+            for r, u in enumerate(cap_id.tolist()):
+                if u >= 0 and u not in ids:
+                    ids[u] = len(first)
+                    first.append(r)
+            rows = torch.tensor(first, dtype=torch.int64)
+            inverse = torch.tensor([ids.get(u, -1) for u in cap_id.tolist()], dtype=torch.int64)
         parts = []
         for i in range(0, len(rows), 256):
             c, m = data.cap.pad(rows[i : i + 256])
             m = m.to(w.device)
             parts.append(self.top.caption_levels(c.to(w.device, w.dtype), m)[m].cpu())
-        data.cap_levels = Ragged(torch.cat(parts, 0), data.cap.off)
+        flat = torch.cat(parts, 0) if parts else torch.zeros(0, self.top.n * data.cap.flat.shape[-1])
+        lens = data.cap.off[1:] - data.cap.off[:-1]
+        start = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        start[1:] = lens[rows].cumsum(0)
+        # record r's pieces are the distinct caption's: start[inverse[r]] + 0..len(r)-1
+        src = start[inverse.clamp(min=0)]
+        gi = torch.repeat_interleave(src - data.cap.off[:-1], lens) + torch.arange(int(data.cap.off[-1]))
+        data.cap_levels = Ragged(flat[gi], data.cap.off)
 
     def lr_scales(self, lr: float) -> list[tuple[list, float]]:
         """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""

@@ -35,3 +35,21 @@ def test_top_flops_counts_pieces_layers_and_backward():
     apart = top_flops(_data([3, 5, 2], [4, 1, 6]), {**dims, "cap_word": d}, joint=False)
     assert apart["train"] == (fwd(3) + fwd(5) + fwd(4) + fwd(1)) * (3 * k - 1)
     assert apart["train"] < joint["train"]
+
+
+def test_top_flops_of_memory_reading():
+    """joint = "memory": sentence queries over sentence + caption keys; the caption costs its K and V
+    projections (forward + weight gradient) each epoch, and the frozen top's forward once a run."""
+    d, f, k = 4, 16, 2
+    dims = {"sent_word": d, "top_ffn": f, "top_layers": k, "cap_word": d}
+    lin = 2 * (4 * d * d + 2 * d * f)
+    data = _data([3, 5, 2], [4, 1, 6])
+    mem = top_flops(data, dims, joint="memory")
+
+    def sent(s, c):  # one layer: the sentence's linear layers + its attention over s + c keys
+        return lin * s + 4 * d * s * (s + c)
+
+    assert mem["train"] == (sent(3, 4) + sent(5, 1)) * (3 * k - 1) + 2 * k * 4 * d * d * (4 + 1)
+    assert mem["val"] == k * (sent(2, 6) + 4 * d * d * 6)
+    assert mem["once"] == k * sum(lin * c + 4 * d * c * c for c in (4, 1, 6))
+    assert mem["train"] < top_flops(data, dims, joint=True)["train"]

@@ -211,3 +211,28 @@ def test_train_with_memory_reading_precomputes_the_caption_states(tmp_path, smal
     cached = data.pretrained["text_top"][1]
     assert torch.equal(trained["top.frozen.1.fc2.weight"], cached["1.output.dense.weight"])
     assert not torch.equal(trained["top.layers.0.k.weight"], cached["0.attention.self.key.weight"])
+
+
+def test_prepare_data_computes_each_distinct_caption_once_and_spreads_it():
+    from types import SimpleNamespace
+
+    from stages.train.data import Ragged
+    from stages.train.tuned_top import TopHead, TunedTop
+
+    dims = {"sent_word": 8, "top_layers": 2, "top_heads": 2, "top_ffn": 16, "top_eps": 1e-12, "cap_word": 8}
+    torch.manual_seed(0)
+    head = TopHead()
+    head.top = TunedTop(dims, joint="memory").eval()
+    a, b = torch.randn(3, 8), torch.randn(2, 8)
+    # records: caption A, no caption, A again (same image), B
+    data = SimpleNamespace(cap=Ragged.from_list([a, torch.zeros(0, 8), a, b], 8), cap_id=torch.tensor([0, -1, 0, 1]),
+                           dims=dims)
+    calls = []
+    real = head.top.caption_levels
+    head.top.caption_levels = lambda c, m: calls.append(int(m.shape[0])) or real(c, m)
+    head.prepare_data(data)
+    assert calls == [2]  # A and B, once each
+    one = lambda x: real(x[None], torch.ones(1, x.shape[0], dtype=torch.bool))[0]  # noqa: E731
+    want = torch.cat([one(a), one(a), one(b)])
+    assert data.cap_levels.flat.shape == (8, 16) and torch.equal(data.cap_levels.off, data.cap.off)
+    assert torch.allclose(data.cap_levels.flat, want, atol=1e-5)
