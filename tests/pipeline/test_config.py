@@ -52,3 +52,6 @@ def test_a_child_profile_beats_its_parents_task_blocks(tmp_path):
     links = {(p, t): Settings(profile=p, cache_dir=tmp_path / "c", task=t).section("text")["links"]
              for p in ("offline", "paper") for t in ("twitter15", "twitter17", "mnre")}
     assert {k for k, v in links.items() if v == "fold"} == {("offline", "twitter15"), ("paper", "twitter15")}
+    # caption dropout: offline's choice on val; the paper has none
+    drop = {p: Settings(profile=p, cache_dir=tmp_path / "c", task="mnre").section("train")["cap_drop"] for p in ("offline", "paper")}
+    assert drop == {"offline": 0.5, "paper": 0.0}
