@@ -224,8 +224,6 @@ class TopHead:
         :meth:`load_pretrained`.  Anything else needs nothing."""
         if self.top is None or self.top.joint != "memory" or "cap_word" not in data.dims:
             return
-        from .data import Ragged
-
         w = next(self.top.parameters())
         n = data.cap.off.shape[0] - 1
         cap_id = getattr(data, "cap_id", None)
@@ -251,7 +249,7 @@ class TopHead:
         # record r's pieces are the distinct caption's: start[inverse[r]] + 0..len(r)-1
         src = start[inverse.clamp(min=0)]
         gi = torch.repeat_interleave(src - data.cap.off[:-1], lens) + torch.arange(int(data.cap.off[-1]))
-        data.cap_levels = Ragged(flat[gi], data.cap.off)
+        data.cap_levels = type(data.cap)(flat[gi], data.cap.off)  # a Ragged, without importing .data (it imports us)
 
     def lr_scales(self, lr: float) -> list[tuple[list, float]]:
         """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
