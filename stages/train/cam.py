@@ -26,8 +26,9 @@ producing NaN.
 
 Tuned top (``text.cut = k`` > 0 in the profile, see :mod:`stages.train.tuned_top`): the
 cached states are those entering the encoder's last ``k`` layers; copies of those
-pretrained layers read the sentence and its caption jointly (``joint``, default true; ``"memory"``:
-the sentence reads the frozen encoder's caption states, and C_W is those states),
+pretrained layers read the sentence and its caption (``joint``: the head's default ``true`` runs
+them as one sequence; ``"memory"``, which the offline and paper profiles ship, lets the sentence
+read the frozen encoder's caption states, and C_W is those states),
 learn at ``top_lr`` (1e-4), and T_W / C_W / the sentence vectors are taken from their
 output; the classifier reads the tuned entity-marker states directly.  ``tune_top =
 false`` uses the cut-level states frozen.
