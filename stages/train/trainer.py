@@ -303,10 +303,6 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     if hasattr(model, "load_pretrained") and getattr(data, "pretrained", None):
         model.load_pretrained(data.pretrained)  # e.g. the cached top layers (still nothing but the cache)
     model = model.to(device)
-    t_prep = time.perf_counter()
-    if hasattr(model, "prepare_data"):
-        model.prepare_data(data)  # e.g. a memory-reading top's frozen caption states, once per run
-    t_prep = time.perf_counter() - t_prep  # counted in the run's wall time
     metrics = metric_fn(head_cls)
     train_rows = data.splits.get("train")
     if train_rows is None or "val" not in data.splits:
@@ -315,6 +311,10 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     epochs = int(conf["epochs"])
     if epochs < 1 or bs < 1:
         raise PipelineError(f"train: epochs and batch_size must be at least 1 (got {epochs}, {bs})")
+    t_prep = time.perf_counter()
+    if hasattr(model, "prepare_data"):
+        model.prepare_data(data)  # e.g. a memory-reading top's frozen caption states, once per run, after the cheap checks
+    t_prep = time.perf_counter() - t_prep  # counted in the run's wall time
     steps_per_epoch = math.ceil(len(train_rows) / bs)
     opt = adamw(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), float(conf["lr"]), device)
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
