@@ -2,7 +2,7 @@
 
     import camim
 
-    s = camim.settings(source="../shared/data/mnre", cache_dir="cache", text={"cut": 2})
+    s = camim.settings(source="../shared/data/mnre", cache_dir="cache")   # text={"cut": 2}: the fast setting
     camim.features(s, mllms=["none", "imported:qwen"])      # data -> captions -> text features (cached)
     data = camim.load(s, "imported:qwen")                    # tensors from the cache only
     data.sent_vec.shape, data.dims, data.labels[:3]

@@ -15,6 +15,12 @@ entity markers, at ``max_len``; ``word`` and ``sent`` as above, and the row
 word cut off by ``max_len``).  A word the tokenizer turns into no piece at all (a lone
 NBSP, a stray control character) is encoded as the unknown token, so every word has one.
 
+``memory = true`` (with ``cut`` > 0; without a cut it does nothing): every caption item also stores ``levels``, ragged
+``[n_pieces, cut·D]``: the states LEAVING each of the encoder's last ``cut`` layers, which the
+encoder computes anyway.  A memory-reading tuned top (``stages.train.tuned_top``) reads the
+caption through them instead of running its frozen copy of those layers over every caption
+once per training run.  Sentence and token items store an empty ``levels`` (``[0, cut·D]``).
+
 ``links = "fold"`` reads every word that is a web link (``http://…``, ``https://…``,
 ``www.…``) as the one word ``http``, in sentences and token items (not captions): a
 Twitter-2015 ``http://t.co/…`` link is otherwise about 15 random word pieces.  The word
@@ -111,11 +117,11 @@ def mark_tokens(tokens: list[str], h: tuple[int, int], t: tuple[int, int], marke
 class TextFeatureStage(Stage):
     name = "text_features"
     version = "1"
-    ragged = ("word",)
+    ragged = ("word", "levels")
 
     #: the [text] settings this stage reads
     SETTINGS = ("model", "revision", "max_len", "caption_max_len", "markers", "layers", "store_dtype", "cut", "compute_dtype",
-                "batch_size", "links")
+                "batch_size", "links", "memory")
 
     def __init__(self, conf: dict, device: str = "auto"):
         unknown = sorted(set(conf) - set(self.SETTINGS))
@@ -131,6 +137,7 @@ class TextFeatureStage(Stage):
             "store_dtype": conf.get("store_dtype", "float16"),
             "cut": int(conf.get("cut", 0) or 0),
             "links": conf.get("links", "keep"),
+            "memory": bool(conf.get("memory", False)),
         }
         if self.conf["links"] not in LINKS:
             raise PipelineError(f"text.links must be one of {', '.join(LINKS)}, not {self.conf['links']!r}")
@@ -138,6 +145,8 @@ class TextFeatureStage(Stage):
             raise PipelineError(f"text.cut must be 0 (frozen) or the number of top layers to tune, not {self.conf['cut']}")
         if self.conf["cut"] and self.conf["layers"] != [-1]:
             raise PipelineError("text.cut > 0 caches the states at the cut: set text.layers = [-1] with it")
+        if not self.conf["cut"]:  # memory is the states of the top `cut` layers: nothing to store without a cut
+            self.conf["memory"] = False
         if self.conf["markers"] not in MARKERS:
             raise PipelineError(f"text.markers must be one of {', '.join(MARKERS)}, not {self.conf['markers']!r}")
         self.ref = encoders.resolve(self.conf["model"], self.conf["revision"])
@@ -155,6 +164,8 @@ class TextFeatureStage(Stage):
             c.pop("cut")
         if c["links"] == "keep":  # likewise for words encoded as given
             c.pop("links")
+        if not c["memory"]:  # and for captions cached without their top-layer states
+            c.pop("memory")
         return c
 
     def label(self) -> str:
@@ -226,7 +237,7 @@ class TextFeatureStage(Stage):
     def _words(self, words) -> list[str]:
         return fold_links(words) if self.conf["links"] == "fold" else list(words)
 
-    def _encode(self, batch_words: list[list[str]] | None, texts: list[str] | None, max_len: int):
+    def _encode(self, batch_words: list[list[str]] | None, texts: list[str] | None, max_len: int, levels: bool = False):
         torch = self._torch
         if batch_words is not None:
             enc = self.tok(batch_words, is_split_into_words=True, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
@@ -246,7 +257,13 @@ class TextFeatureStage(Stage):
             mask = inputs["attention_mask"].unsqueeze(-1).float()
             last = out.last_hidden_state.float() if cut else h  # the sentence vector stays the last layer's mean
             sent = (last * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return enc, h.cpu(), sent.cpu()
+            # memory: the states leaving each of the last `cut` layers, [B, L, cut·D]
+            top = torch.cat(out.hidden_states[len(out.hidden_states) - cut:], -1).float().cpu() if levels else None
+        return enc, h.cpu(), sent.cpu(), top
+
+    def _no_levels(self, sd):
+        """The empty ``levels`` of a sentence or token item (every item of a part has each tensor)."""
+        return {"levels": self._torch.zeros(0, self.conf["cut"] * self.hidden, dtype=sd)} if self.conf["memory"] else {}
 
     def run(self, batch: list[dict]) -> list[ItemResult]:
         sd = encoders.torch_dtype(self.conf["store_dtype"])
@@ -258,7 +275,7 @@ class TextFeatureStage(Stage):
             out.update(self._run_tokens(toks, sd))
         if sents:
             marked = [mark_tokens(self._words(it["tokens"]), it["h"], it["t"], self.conf["markers"]) for it in sents]
-            enc, h, sent = self._encode([m[0] for m in marked], None, self.conf["max_len"])
+            enc, h, sent, _ = self._encode([m[0] for m in marked], None, self.conf["max_len"])
             for b, it in enumerate(sents):
                 n = int(enc["attention_mask"][b].sum())
                 wid = enc.word_ids(b)
@@ -283,16 +300,17 @@ class TextFeatureStage(Stage):
                     it["item_key"],
                     row={"kind": "sentence", "n_pieces": n, "truncated": truncated, "h_start": pieces[0], "h_end": pieces[1],
                          "t_start": pieces[2], "t_end": pieces[3]},
-                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd), **self._no_levels(sd)},
                 )
         if caps:
-            enc, h, sent = self._encode(None, [it["text"] for it in caps], self.conf["caption_max_len"])
+            enc, h, sent, top = self._encode(None, [it["text"] for it in caps], self.conf["caption_max_len"], self.conf["memory"])
             for b, it in enumerate(caps):
                 n = int(enc["attention_mask"][b].sum())
                 out[it["item_key"]] = ItemResult(
                     it["item_key"],
                     row={"kind": "caption", "n_pieces": n, "truncated": False, "h_start": -1, "h_end": -1, "t_start": -1, "t_end": -1},
-                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+                    tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd),
+                             **({"levels": top[b, :n].to(sd)} if top is not None else {})},
                 )
         return [out[it["item_key"]] for it in batch]
 
@@ -303,7 +321,7 @@ class TextFeatureStage(Stage):
         empty = {w for w, p in zip(flat, pieces) if not p}
         if empty:  # a word with no piece would have no first piece to label
             words = [[self.tok.unk_token if w in empty else w for w in ws] for ws in words]
-        enc, h, sent = self._encode(words, None, self.conf["max_len"])
+        enc, h, sent, _ = self._encode(words, None, self.conf["max_len"])
         out = {}
         for b, it in enumerate(items):
             n = int(enc["attention_mask"][b].sum())
@@ -315,6 +333,6 @@ class TextFeatureStage(Stage):
                 it["item_key"],
                 row={"kind": "tokens", "n_pieces": n, "truncated": bool(first and first[-1] < 0),
                      "h_start": -1, "h_end": -1, "t_start": -1, "t_end": -1, "word_first": first},
-                tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd)},
+                tensors={"word": h[b, :n].to(sd), "sent": sent[b].to(sd), **self._no_levels(sd)},
             )
         return out

@@ -22,10 +22,12 @@ log = logging.getLogger("camim")
 
 @dataclass
 class Ragged:
-    """Variable-length rows kept flat: row i is ``flat[off[i]:off[i+1]]``."""
+    """Variable-length rows kept flat: row i is ``flat[off[i]:off[i+1]]``.  With ``index``, row i
+    is stored row ``index[i]`` instead (records that share one caption share its rows)."""
 
     flat: torch.Tensor  # [P, D]
     off: torch.Tensor  # [N + 1] int64
+    index: torch.Tensor | None = None  # [M] int64: record -> stored row
 
     @classmethod
     def from_list(cls, rows: list[torch.Tensor], dim: int) -> "Ragged":
@@ -37,6 +39,8 @@ class Ragged:
 
     def pad(self, rows: torch.Tensor, min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``rows`` as a padded ``[B, L, D]`` tensor and its ``[B, L]`` bool mask."""
+        if self.index is not None:
+            rows = self.index[rows]
         start = self.off[rows]
         lens = self.off[rows + 1] - start
         width = max(int(lens.max()) if len(rows) else 0, min_len)
@@ -73,7 +77,8 @@ class TrainData:
     pretrained: dict = field(default_factory=dict)
     # the models behind the features, as they enter cache keys (hub ids with their commit sha)
     models: dict = field(default_factory=dict)
-    # derived once per run by a head that asks for it (a memory-reading tuned top's frozen caption states)
+    # a memory-reading tuned top's frozen caption states: cached by the text features (``text.memory``),
+    # else derived once per run by the head (TopHead.prepare_data); one stored row per distinct caption
     cap_levels: Ragged | None = None
     # per record, which distinct caption it carries (-1: none); records of one image share one
     cap_id: torch.Tensor | None = None
@@ -231,9 +236,20 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     if feats.stage.conf["cut"] and top is None:
         raise PipelineError(f"text.cut = {feats.stage.conf['cut']} but {cache.files_dir} has no top_layers; re-run features")
     cap_id = torch.tensor([cpos[k] if h else -1 for k, h in zip(ckeys, has_cap.tolist())], dtype=torch.int64)
+    cap_levels = None
+    if feats.stage.conf.get("memory") and cuniq:  # each distinct caption's top-layer states, cached by the features
+        cap_levels = shared_rows(cache.tensors(cuniq, ["levels"])["levels"], cap_id)
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
                      streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
-                     {"text_top": top} if top else {}, model_ids(feats, captions), cap_id=cap_id)
+                     {"text_top": top} if top else {}, model_ids(feats, captions), cap_levels=cap_levels, cap_id=cap_id)
+
+
+def shared_rows(rows: list[torch.Tensor], ids: torch.Tensor) -> Ragged:
+    """One stored row per distinct item (``rows``), read per record through ``ids`` (-1: none, an
+    empty row), so records that share a caption never copy its states."""
+    dim = int(rows[0].shape[-1]) if rows else 0
+    r = Ragged.from_list([*rows, torch.zeros(0, dim, dtype=rows[0].dtype if rows else torch.float32)], dim)
+    return Ragged(r.flat, r.off, torch.where(ids >= 0, ids, len(rows)))
 
 
 def model_ids(feats, captions) -> dict:

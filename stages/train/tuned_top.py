@@ -17,9 +17,10 @@ same layers separately.
 Memory reading (``joint = "memory"``): the sentence reads the caption as the pretrained
 encoder wrote it.  Each tuned layer's queries are the sentence's pieces only; its keys and
 values are ``[sentence ; caption]``, the caption's taken from the states ENTERING that layer
-in the frozen pretrained top (plus the segment embedding).  Those frozen caption states are
-computed once per run (:meth:`TopHead.prepare_data`, from the cached cut-level states and the
-cached pretrained weights, so still nothing but the cache), and the caption never runs through
+in the frozen pretrained top (plus the segment embedding).  Those frozen caption states come from
+the cache: the text features store them with ``text.memory = true`` (the encoder computes them
+anyway); without it they are computed once per run (:meth:`TopHead.prepare_data`, from the cached
+cut-level states and the cached pretrained weights).  The caption never runs through
 the tuned layers: per caption piece a step costs the K and V projections, about a ninth of
 reading it jointly.  The caption stream of a head (C_W, its vector) is the frozen top's output.
 
@@ -219,17 +220,21 @@ class TopHead:
             self.top.load_cached(pretrained["text_top"][1])
 
     def prepare_data(self, data) -> None:
-        """Memory reading: compute every caption's frozen states once per run into ``data.cap_levels``
-        (the batches then carry them as ``cap_levels``); the trainer calls this after
-        :meth:`load_pretrained`.  Anything else needs nothing."""
+        """Memory reading: every distinct caption's frozen states into ``data.cap_levels`` (the batches
+        then carry them as ``cap_levels``); the trainer calls this after :meth:`load_pretrained`.
+        Features cached with ``text.memory = true`` already hold them (the encoder's own top layers
+        wrote them), so nothing runs; otherwise the frozen copy runs once per run over each distinct
+        caption.  Anything else needs nothing."""
         if self.top is None or self.top.joint != "memory" or "cap_word" not in data.dims:
+            return
+        if getattr(data, "cap_levels", None) is not None:
             return
         w = next(self.top.parameters())
         n = data.cap.off.shape[0] - 1
         cap_id = getattr(data, "cap_id", None)
         if cap_id is None:  # no caption identities: every record's caption on its own
             rows, inverse = torch.arange(n), torch.arange(n)
-        else:  # each distinct caption once (records of one image share it), then spread to the records
+        else:  # each distinct caption once (records of one image share it)
             ids, first = {}, []
             for r, u in enumerate(cap_id.tolist()):
                 if u >= 0 and u not in ids:
@@ -243,13 +248,12 @@ class TopHead:
             m = m.to(w.device)
             parts.append(self.top.caption_levels(c.to(w.device, w.dtype), m)[m].cpu())
         flat = torch.cat(parts, 0) if parts else torch.zeros(0, self.top.n * data.cap.flat.shape[-1])
-        lens = data.cap.off[1:] - data.cap.off[:-1]
-        start = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        start[1:] = lens[rows].cumsum(0)
-        # record r's pieces are the distinct caption's: start[inverse[r]] + 0..len(r)-1
-        src = start[inverse.clamp(min=0)]
-        gi = torch.repeat_interleave(src - data.cap.off[:-1], lens) + torch.arange(int(data.cap.off[-1]))
-        data.cap_levels = type(data.cap)(flat[gi], data.cap.off)  # a Ragged, without importing .data (it imports us)
+        lens = data.cap.off[rows + 1] - data.cap.off[rows]
+        off = torch.zeros(len(rows) + 2, dtype=torch.int64)  # one row per distinct caption, then an empty one
+        off[1:-1] = lens.cumsum(0)
+        off[-1] = off[-2]
+        # a Ragged (without importing .data, which imports us): record r reads row inverse[r]
+        data.cap_levels = type(data.cap)(flat, off, torch.where(inverse >= 0, inverse, len(rows)))
 
     def lr_scales(self, lr: float) -> list[tuple[list, float]]:
         """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""

@@ -9,7 +9,7 @@ def test_notebook_example_on_the_small_sample(tmp_path, small_source):
     ds, caps, feats = camim.features(s, mllms=["none", "imported:qwen"])
     assert feats.summary.total > 0
     data = camim.load(s, "imported:qwen")
-    assert data.sent_vec.shape == (40, 384) and data.dims["top_layers"] == 2
+    assert data.sent_vec.shape == (40, 384) and data.dims["top_layers"] == 6  # the offline cut: every MiniLM layer
     df = camim.frame(s, "imported:qwen")
     assert len(df) == 40 and {"sample_id", "label", "caption", "sent_vec"} <= set(df.columns)
     run = camim.train(s, "imported:qwen", seed=1, epochs=1)

@@ -33,16 +33,16 @@ def test_a_user_profile_extends_by_name_or_path_and_a_circle_is_an_error(tmp_pat
 
 
 def test_a_child_profile_beats_its_parents_task_blocks(tmp_path):
-    """Offline tunes every MiniLM layer for Twitter ([tasks.twitter17.text] cut = 6); a profile that
+    """Offline tunes every MiniLM layer (cut = 6, and again in [tasks.twitter17.text]); a profile that
     extends it and sets [text] cut gets its own cut for Twitter too, and its own task block wins over that."""
     from pipeline.config import Settings
 
     def cut(profile, task):
         return Settings(profile=profile, cache_dir=tmp_path / "c", task=task).section("text")["cut"]
 
-    assert cut("offline", "twitter17") == 6 and cut("offline", "mnre") == 2
+    assert cut("offline", "twitter17") == 6 and cut("offline", "mnre") == 6
     assert cut("offline-levels", "twitter17") == 0 and cut("offline-levels", "mnre") == 0
-    assert cut("paper", "twitter15") == 12 and cut("paper", "mnre") == 2
+    assert cut("paper", "twitter15") == 12 and cut("paper", "mnre") == 12
     (tmp_path / "one.toml").write_text('extends = "offline"\n[text]\ncut = 1\n')
     assert cut(str(tmp_path / "one.toml"), "twitter17") == 1
     (tmp_path / "own.toml").write_text('extends = "one.toml"\n[tasks.twitter17.text]\ncut = 3\n')
@@ -52,6 +52,10 @@ def test_a_child_profile_beats_its_parents_task_blocks(tmp_path):
     links = {(p, t): Settings(profile=p, cache_dir=tmp_path / "c", task=t).section("text")["links"]
              for p in ("offline", "paper") for t in ("twitter15", "twitter17", "mnre")}
     assert {k for k, v in links.items() if v == "fold"} == {("offline", "twitter15"), ("paper", "twitter15")}
+    # caption memory cached for MNRE; Twitter's NER data reads none, so its features keep their key
+    mem = {(p, t): Settings(profile=p, cache_dir=tmp_path / "c", task=t).section("text").get("memory")
+           for p in ("offline", "paper") for t in ("twitter15", "twitter17", "mnre")}
+    assert {k for k, v in mem.items() if v} == {("offline", "mnre"), ("paper", "mnre")}
     # caption dropout: offline's choice on val; the paper has none
     drop = {p: Settings(profile=p, cache_dir=tmp_path / "c", task="mnre").section("train")["cap_drop"] for p in ("offline", "paper")}
     assert drop == {"offline": 0.5, "paper": 0.0}

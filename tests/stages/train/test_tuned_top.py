@@ -13,8 +13,8 @@ def tiny_bert3(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert3"), layers=3)
 
 
-def _settings(tmp_path, source, model, cut, train=None):
-    conf = merge(load_profile("offline"), {"text": {"model": str(model), "cut": cut, "compute_dtype": "fp32"},
+def _settings(tmp_path, source, model, cut, train=None, text=None):
+    conf = merge(load_profile("offline"), {"text": {"model": str(model), "cut": cut, "compute_dtype": "fp32", **(text or {})},
                                            "train": {"epochs": 2, "hidden": 16, "heads": 2, "lr": 3e-3, **(train or {})}})
     return Settings(cache_dir=tmp_path / "cache", source=str(source), conf=conf, mllm="imported:qwen")
 
@@ -27,6 +27,11 @@ def test_cut_zero_keeps_the_old_key_and_a_cut_changes_it(tiny_bert3):
     assert TextFeatureStage({**base, "cut": 2}, "cpu").key != TextFeatureStage(base, "cpu").key
     with pytest.raises(Exception, match="layers"):
         TextFeatureStage({**base, "cut": 1, "layers": [-1, -2]}, "cpu")
+    # memory off keeps the cut's key; on, it is a key of its own; without a cut it does nothing
+    cut2 = TextFeatureStage({**base, "cut": 2}, "cpu").key
+    assert TextFeatureStage({**base, "cut": 2, "memory": False}, "cpu").key == cut2
+    assert TextFeatureStage({**base, "cut": 2, "memory": True}, "cpu").key != cut2
+    assert TextFeatureStage({**base, "memory": True}, "cpu").key == TextFeatureStage(base, "cpu").key
 
 
 def test_cached_states_through_the_cached_layers_give_the_encoder_output(tmp_path, small_source, tiny_bert3):
@@ -198,10 +203,16 @@ def test_train_with_memory_reading_precomputes_the_caption_states(tmp_path, smal
     import camim
     from stages.train.trainer import train_one
 
-    s = _settings(tmp_path, small_source, tiny_bert3, cut=2, train={"joint": "memory"})
+    s = _settings(tmp_path, small_source, tiny_bert3, cut=2, text={"memory": False}, train={"joint": "memory"})
     data = camim.load(s, "imported:qwen", "cam")
+    assert data.cap_levels is None  # text.memory off: the head computes them, once per run
     res = train_one(s, "imported:qwen", 1, data=data, quiet=True)
-    assert data.cap_levels is not None and data.cap_levels.flat.shape == (data.cap.flat.shape[0], 2 * 16)
+    # one stored row per distinct caption (records of one image share it), then an empty one
+    n_distinct = int(data.cap_id.max()) + 1
+    assert data.cap_levels is not None and data.cap_levels.off.shape == (n_distinct + 2,)
+    first = {int(u): r for r, u in reversed(list(enumerate(data.cap_id.tolist()))) if u >= 0}
+    lens = data.cap.off[1:] - data.cap.off[:-1]
+    assert data.cap_levels.flat.shape == (int(sum(lens[r] for r in first.values())), 2 * 16)
     assert res.config["options"]["joint"] == "memory" and 0.0 <= res.metrics["test"]["f1"] <= 1.0
     b = data.batch(data.splits["train"][:4])
     assert b["cap_levels"].shape[:2] == b["cap_word"].shape[:2]
@@ -233,6 +244,45 @@ def test_prepare_data_computes_each_distinct_caption_once_and_spreads_it():
     head.prepare_data(data)
     assert calls == [2]  # A and B, once each
     one = lambda x: real(x[None], torch.ones(1, x.shape[0], dtype=torch.bool))[0]  # noqa: E731
-    want = torch.cat([one(a), one(a), one(b)])
-    assert data.cap_levels.flat.shape == (8, 16) and torch.equal(data.cap_levels.off, data.cap.off)
-    assert torch.allclose(data.cap_levels.flat, want, atol=1e-5)
+    # stored once per distinct caption (A, B, then the empty row); read per record through the index
+    assert data.cap_levels.flat.shape == (5, 16) and data.cap_levels.off.tolist() == [0, 3, 5, 5]
+    assert data.cap_levels.index.tolist() == [0, 2, 0, 1]
+    got, mask = data.cap_levels.pad(torch.arange(4))
+    assert torch.equal(mask, data.cap.pad(torch.arange(4))[1])
+    for r, x in enumerate([one(a), None, one(a), one(b)]):
+        if x is None:
+            assert not mask[r].any() and not got[r].any()
+        else:
+            assert torch.allclose(got[r, : x.shape[0]], x, atol=1e-5)
+
+
+def test_cached_caption_memory_matches_the_frozen_pass_and_skips_it(tmp_path, small_source, tiny_bert3):
+    """text.memory = true: the features store each caption's top-layer states; the trainer reads them
+    instead of running the frozen copy, and they agree with that copy's output."""
+    import camim
+    from stages.train.tuned_top import TopHead
+
+    s_mem = _settings(tmp_path / "m", small_source, tiny_bert3, cut=2, text={"memory": True}, train={"joint": "memory"})
+    s_run = _settings(tmp_path / "r", small_source, tiny_bert3, cut=2, text={"memory": False}, train={"joint": "memory"})
+    cached = camim.load(s_mem, "imported:qwen", "cam")
+    assert cached.cap_levels is not None  # from the cache, before any head exists
+    ran = camim.load(s_run, "imported:qwen", "cam")
+    assert ran.cap_levels is None
+    from stages.train import HEADS
+
+    head = HEADS.get("cam")(ran.dims, len(ran.labels), {"joint": "memory"})
+    head.load_pretrained(ran.pretrained)
+    head.prepare_data(ran)
+    rows = ran.splits["train"][:8]
+    a, am = cached.cap_levels.pad(rows)
+    b, bm = ran.cap_levels.pad(rows)
+    assert torch.equal(am, bm) and am.any()
+    # the encoder's own layers (features, stored float16) against the copy over float16 cut states
+    assert torch.allclose(a.float(), b.float(), atol=2e-2), float((a.float() - b.float()).abs().max())
+    calls = []
+    head2 = HEADS.get("cam")(cached.dims, len(cached.labels), {"joint": "memory"})
+    head2.load_pretrained(cached.pretrained)
+    head2.top.caption_levels = lambda *x: calls.append(1)
+    before = cached.cap_levels
+    TopHead.prepare_data(head2, cached)
+    assert calls == [] and cached.cap_levels is before
