@@ -141,9 +141,10 @@ def main(settings=None, argv: list[str] | None = None) -> int:
         per_epoch = (fl["train"] + fl["val"]) / (peak * 1e9)
         once = 0.0 if cached_memory else fl.get("once", 0.0) / (peak * 1e9)
         spent = statistics.fmean(h["seconds"] for h in m["history"])
-        extra = f" + {fl['once'] / 1e12:.1f} TFLOP once a run (memory reading's frozen caption states)" if once else ""
         if cached_memory and "once" in fl:
             extra = " (memory reading's caption states come from the cache: no once-a-run pass)"
+        else:
+            extra = f" + {fl['once'] / 1e12:.1f} TFLOP once a run (memory reading's frozen caption states)" if once else ""
         print(f"roofline floor: the tuned top alone is {(fl['train'] + fl['val']) / 1e12:.1f} TFLOP an epoch "
               f"(train fwd+bwd and val fwd){extra} -> 8 epochs take at least {8 * per_epoch + once:.0f}s at {peak:.0f} GFLOP/s; "
               f"the measured epoch ran at {per_epoch / spent:.0%} of that roofline")

@@ -37,6 +37,12 @@ class Ragged:
         flat = torch.cat(rows, 0) if rows else torch.zeros(0, dim)
         return cls(flat.contiguous(), off)
 
+    def shared(self, ids: torch.Tensor) -> "Ragged":
+        """These rows, one per distinct item, read per record through ``ids`` (-1: none, an empty row
+        appended here), so records that share a caption never copy its states."""
+        off = torch.cat([self.off, self.off[-1:]])
+        return Ragged(self.flat, off, torch.where(ids >= 0, ids, len(self.off) - 1))
+
     def pad(self, rows: torch.Tensor, min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``rows`` as a padded ``[B, L, D]`` tensor and its ``[B, L]`` bool mask."""
         if self.index is not None:
@@ -238,18 +244,11 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     cap_id = torch.tensor([cpos[k] if h else -1 for k, h in zip(ckeys, has_cap.tolist())], dtype=torch.int64)
     cap_levels = None
     if feats.stage.conf.get("memory") and cuniq:  # each distinct caption's top-layer states, cached by the features
-        cap_levels = shared_rows(cache.tensors(cuniq, ["levels"])["levels"], cap_id)
+        levels = cache.tensors(cuniq, ["levels"])["levels"]
+        cap_levels = Ragged.from_list(levels, int(levels[0].shape[-1])).shared(cap_id)
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
                      streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
                      {"text_top": top} if top else {}, model_ids(feats, captions), cap_levels=cap_levels, cap_id=cap_id)
-
-
-def shared_rows(rows: list[torch.Tensor], ids: torch.Tensor) -> Ragged:
-    """One stored row per distinct item (``rows``), read per record through ``ids`` (-1: none, an
-    empty row), so records that share a caption never copy its states."""
-    dim = int(rows[0].shape[-1]) if rows else 0
-    r = Ragged.from_list([*rows, torch.zeros(0, dim, dtype=rows[0].dtype if rows else torch.float32)], dim)
-    return Ragged(r.flat, r.off, torch.where(ids >= 0, ids, len(rows)))
 
 
 def model_ids(feats, captions) -> dict:

@@ -248,12 +248,10 @@ class TopHead:
             m = m.to(w.device)
             parts.append(self.top.caption_levels(c.to(w.device, w.dtype), m)[m].cpu())
         flat = torch.cat(parts, 0) if parts else torch.zeros(0, self.top.n * data.cap.flat.shape[-1])
-        lens = data.cap.off[rows + 1] - data.cap.off[rows]
-        off = torch.zeros(len(rows) + 2, dtype=torch.int64)  # one row per distinct caption, then an empty one
-        off[1:-1] = lens.cumsum(0)
-        off[-1] = off[-2]
+        off = torch.zeros(len(rows) + 1, dtype=torch.int64)  # one row per distinct caption
+        off[1:] = (data.cap.off[rows + 1] - data.cap.off[rows]).cumsum(0)
         # a Ragged (without importing .data, which imports us): record r reads row inverse[r]
-        data.cap_levels = type(data.cap)(flat, off, torch.where(inverse >= 0, inverse, len(rows)))
+        data.cap_levels = type(data.cap)(flat, off).shared(inverse)
 
     def lr_scales(self, lr: float) -> list[tuple[list, float]]:
         """The tuned top learns at ``top_lr``, the rest of the head at the trainer's ``lr``."""
