@@ -7,11 +7,13 @@ Layout under the store root (``cache/`` by default)::
     <stage>/<key>/parts/part-<seq>-<id>.parquet       rows of one batch; written LAST
     <stage>/<key>/done/<inputs>.json        done-marker for one input set, written last
     <stage>/<key>/files/...                 whole-table outputs of non-itemised stages
+    <stage>/<key>/checked/part-*.json       stamp: the tensor file's size/mtime/inode when its sha256 last matched
 
 A part is committed when its Parquet file exists: tensors are written first, the
 Parquet index second, each to a temporary name and then ``os.replace``-d into place.
 Every index row records the sha256 of its part's tensor file (``tensor_sha256``).
-Readers verify each part once per process: a part whose Parquet cannot be read, whose
+Readers verify a part whenever its tensor file disagrees with its stamp (so unchanged parts are
+not re-hashed by every process; ``cache verify`` re-hashes all): a part whose Parquet cannot be read, whose
 tensor file is missing, or whose checksum differs is moved to ``<key>/quarantine/``
 with the reason, the user is told, and its items are simply absent, so the next run
 of the stage recomputes them.  A tensor with NaN or Inf is never committed: its item
@@ -47,8 +49,6 @@ from .hashing import canonical_json, sha256_file
 log = logging.getLogger("camim")
 #: key folders whose lock this process holds
 _HELD: set[str] = set()
-#: parts verified in this process: (path, size, mtime_ns)
-_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def _tell(msg: str) -> None:
@@ -258,8 +258,7 @@ class StageCache:
                 if isinstance(exc, OSError) or "No space" in str(exc) or "os error" in str(exc).lower():
                     raise _write_failed(final, exc, tmp) from None
                 raise
-            st = final.stat()
-            _VERIFIED.add((str(final), st.st_size, st.st_mtime_ns))
+            self._stamp(final, digest)
         rows: dict[str, list] = {"item_key": [], "ok": [], "error": [], "tensor_row": [], "tensor_sha256": []}
         row_names = sorted({n for r in results for n in r.row})
         for n in row_names:
@@ -310,8 +309,8 @@ class StageCache:
         return table
 
     def check_part(self, path: Path, force: bool = False) -> tuple[pa.Table | None, str | None]:
-        """Read one part's index and verify its tensor file (once per process unless ``force``).
-        Returns the table, or the reason the part is damaged."""
+        """Read one part's index and verify its tensor file (unless its stamp shows it unchanged since its
+        checksum last matched; ``force`` re-hashes anyway).  Returns the table, or why the part is damaged."""
         try:
             t = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
@@ -323,14 +322,36 @@ class StageCache:
         tpath = path.with_suffix(".safetensors")
         if not tpath.exists():
             return None, f"its tensor file {tpath.name} is missing"
-        st = tpath.stat()
-        mark = (str(tpath), st.st_size, st.st_mtime_ns)
-        if not force and mark in _VERIFIED:
+        if not force and self._stamped(tpath, sums[0]):
             return t, None
-        if sha256_file(tpath) != sums[0]:
+        digest = sha256_file(tpath)
+        if digest != sums[0]:
             return None, f"its tensor file {tpath.name} does not match the checksum recorded at write time"
-        _VERIFIED.add(mark)
+        self._stamp(tpath, digest)
         return t, None
+
+    # A part's stamp records its tensor file's size, mtime and inode when its checksum last matched, so
+    # a process re-hashes only parts that changed since (as git's index and DVC's state do).  A stamp
+    # written in the same clock tick as the file's mtime is not trusted (a later write in that tick
+    # would keep the mtime); ``camim cache verify`` re-hashes every part whatever its stamp says.
+    def _stamp_path(self, tpath: Path) -> Path:
+        return self.dir / "checked" / f"{tpath.stem}.json"
+
+    def _stamp(self, tpath: Path, digest: str) -> None:
+        st = tpath.stat()
+        try:
+            atomic_write_json(self._stamp_path(tpath), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": digest})
+        except WriteError:  # a read-only cache is still readable: it is just verified again next time
+            pass
+
+    def _stamped(self, tpath: Path, digest: str) -> bool:
+        sp = self._stamp_path(tpath)
+        try:
+            st, stamp_mtime, rec = tpath.stat(), sp.stat().st_mtime_ns, json.loads(sp.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return (rec.get("sha256") == digest and rec.get("size") == st.st_size and rec.get("ino") == st.st_ino
+                and rec.get("mtime_ns") == st.st_mtime_ns and st.st_mtime_ns < stamp_mtime)
 
     def quarantine(self, path: Path, why: str) -> Path:
         """Move a damaged part (index and tensors) out of the way; its items get recomputed."""
@@ -339,6 +360,7 @@ class StageCache:
         for p in (path, path.with_suffix(".safetensors")):
             if p.exists():
                 os.replace(p, qdir / p.name)
+        self._stamp_path(path).unlink(missing_ok=True)
         atomic_write_json(qdir / f"{path.stem}.why.json", {"part": path.stem, "why": why})
         msg = (f"cache: damaged part {path}: {why}; moved to {qdir}, its items will be recomputed by the next run "
                f"of the {self.stage} stage")
@@ -408,12 +430,14 @@ class StageCache:
         return out
 
     def orphans(self) -> list[Path]:
-        """Temporary files, tensor files without a committed index, and quarantined parts."""
+        """Temporary files, tensor files without a committed index, stamps of parts gone, and quarantined parts."""
         if not self.parts_dir.exists():
             return []
         committed = {p.stem for p in self.part_paths()}
         out = [p for p in self.parts_dir.iterdir() if p.name.startswith(".")]
         out += [p for p in self.parts_dir.glob("part-*.safetensors") if p.stem not in committed]
+        sdir = self.dir / "checked"
+        out += sorted(p for p in sdir.glob("*.json") if p.stem not in committed) if sdir.exists() else []
         qdir = self.dir / "quarantine"  # damaged parts, already replaced by recomputed ones
         out += sorted(qdir.iterdir()) if qdir.exists() else []
         return out

@@ -51,8 +51,6 @@ def _overwrite(p):
 
 @pytest.mark.parametrize("damage", ["truncate_tensors", "truncate_index", "overwrite_tensors"])
 def test_damaged_part_is_reported_quarantined_and_recomputed(tmp_path, damage, capsys):
-    import pipeline.store as store_mod
-
     cache = _clean(tmp_path)
     part = cache.part_paths()[1]
     target = part.with_suffix(".safetensors") if damage.endswith("tensors") else part
@@ -60,7 +58,6 @@ def test_damaged_part_is_reported_quarantined_and_recomputed(tmp_path, damage, c
     (_truncate if damage.startswith("truncate") else _overwrite)(target)
     if damage == "overwrite_tensors":
         assert target.stat().st_size == size
-    store_mod._VERIFIED.clear()  # a new process: parts are verified again on first open
 
     # cache verify lists the damage (exit 1) without changing anything
     r = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache")])
@@ -77,6 +74,34 @@ def test_damaged_part_is_reported_quarantined_and_recomputed(tmp_path, damage, c
     assert [len(s) for s in got["seq"]] == [i % 5 + 1 for i in range(40)]
     r = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache")])
     assert r.exit_code == 0 and "1 damaged" not in r.output and "quarantined" in r.output
+
+
+def test_a_part_is_hashed_again_only_after_it_changed_and_cache_verify_always_hashes(tmp_path, monkeypatch):
+    """Stamps (size, mtime, inode when the checksum last matched) spare a run re-hashing GBs of
+    unchanged features; a changed file is hashed again, and `cache verify` hashes every part."""
+    import pipeline.store as store_mod
+
+    cache = _clean(tmp_path)
+    tensors = [p.with_suffix(".safetensors") for p in cache.part_paths()]
+    for p in tensors:  # as if written a while ago: the stamp no longer matches, nor is it racy afterwards
+        ns = p.stat().st_mtime_ns - 10**9
+        os.utime(p, ns=(ns, ns))
+    hashed = []
+    real = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda path: hashed.append(path) or real(path))
+
+    assert Store(tmp_path / "cache").stage("vecs", cache.key).index().num_rows == 40
+    assert sorted(hashed) == sorted(tensors)  # mtime changed: each hashed once, then stamped
+    hashed.clear()
+    assert Store(tmp_path / "cache").stage("vecs", cache.key).index().num_rows == 40
+    assert hashed == []  # a new reader trusts the stamps
+    _overwrite(tensors[2])  # a write moves the mtime: hashed again, found damaged
+    fresh = Store(tmp_path / "cache").stage("vecs", cache.key)
+    assert fresh.index().num_rows == 30 and hashed == [tensors[2]]
+    assert fresh.orphans() == sorted((cache.dir / "quarantine").iterdir())  # its stamp went with it
+    hashed.clear()
+    r = CliRunner().invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0 and "3 part(s) checked, 0 damaged" in r.output and len(hashed) == 3
 
 
 class NanStage(Vecs):
@@ -195,8 +220,6 @@ def test_train_heals_an_overwritten_feature_part_and_ends_as_a_clean_run(tmp_pat
     scores exactly as one on an undamaged cache."""
     import json
 
-    import pipeline.store as store_mod
-
     args = ["train", "--source", str(small_source), "--mllm", "imported:qwen", "--epochs", "2",
             "--opt", "hidden=32", "--opt", "heads=2"]
     clean = CliRunner().invoke(app, args + ["--cache-dir", str(tmp_path / "a"), "--runs-dir", str(tmp_path / "ra")])
@@ -206,7 +229,6 @@ def test_train_heals_an_overwritten_feature_part_and_ends_as_a_clean_run(tmp_pat
     tf = next((tmp_path / "b" / "text_features").iterdir())
     part = sorted((tf / "parts").glob("part-*.safetensors"))[0]
     _overwrite(part)
-    store_mod._VERIFIED.clear()
     healed = CliRunner().invoke(app, args + ["--cache-dir", str(tmp_path / "b"), "--runs-dir", str(tmp_path / "rb")])
     assert healed.exit_code == 0, healed.output
     assert "16 new" in healed.output  # the damaged part's items, computed again
