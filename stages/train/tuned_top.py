@@ -24,6 +24,12 @@ cut-level states and the cached pretrained weights).  The caption never runs thr
 the tuned layers: per caption piece a step costs the K and V projections, about a ninth of
 reading it jointly.  The caption stream of a head (C_W, its vector) is the frozen top's output.
 
+Gated memory (``mem_gate = true``, with memory reading): the sentence attends to itself and to the
+caption in two separate softmaxes, and the caption's part is added through ``tanh(g)``, one gate
+``g`` per layer and head, 0 at the start (Flamingo's gated cross-attention).  The pretrained layers
+thus start exactly as the text-only encoder and let the caption in only as far as training pays;
+the gates learn at the head's ``lr``, not ``top_lr``.
+
 The layer is BERT's post-LayerNorm block, written out here so that it loads the
 cached weights by name without any ``transformers`` code:
 ``x = LN(x + O(SelfAttn(x)))``, ``x = LN(x + W2 gelu(W1 x))``.
@@ -41,7 +47,8 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 #: head options of the tuned top (every head that can take one declares these too)
-TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 1e-4, "top_dropout": 0.1, "top_attn_dropout": 0.1}
+TOP_OPTIONS = {"tune_top": True, "joint": True, "top_lr": 1e-4, "top_dropout": 0.1, "top_attn_dropout": 0.1,
+               "mem_gate": False}
 
 # cached name (relative to one BERT layer) -> our name
 BERT_NAMES = {
@@ -72,11 +79,13 @@ class BertBlock(nn.Module):
         # path and a Bernoulli mask of [B, heads, N, N] (README "Tuned top layers": its cost)
         self.pa = attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, mem: tuple | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, mem: tuple | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: the real pieces only, flat ``[T, d]``; ``idx``: their places in the padded
         ``[B·N]`` grid of ``mask`` (``[B, N]``).  Every linear layer runs on real pieces alone:
         padding costs nothing but inside the attention product.  ``mem`` = ``(m, m_mask, m_idx)``
-        in the same flat form: extra keys and values only (memory reading), never updated."""
+        in the same flat form: extra keys and values only (memory reading), never updated.
+        ``gate`` (``[heads]``): the memory is read in its own softmax, added as ``tanh(gate)`` times it."""
         b, n = mask.shape
         d = x.shape[-1]
 
@@ -84,14 +93,23 @@ class BertBlock(nn.Module):
             g = t.new_zeros(b * n, d).index_copy(0, idx, t)
             return g.view(b, n, self.h, d // self.h).transpose(1, 2)
 
-        k, v, keep = grid(self.k(x)), grid(self.v(x)), mask
+        def attend(q, k, v, keep):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
+
+        q, k, v, keep = grid(self.q(x)), grid(self.k(x)), grid(self.v(x)), mask
+        mk = mv = None
         if mem is not None:
             m, m_mask, m_idx = mem
-            k = torch.cat([k, grid(self.k(m), m_idx, m_mask.shape[1])], 2)
-            v = torch.cat([v, grid(self.v(m), m_idx, m_mask.shape[1])], 2)
-            keep = torch.cat([mask, m_mask], 1)
-        att = F.scaled_dot_product_attention(grid(self.q(x)), k, v,
-                                             attn_mask=keep[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
+            mk, mv = grid(self.k(m), m_idx, m_mask.shape[1]), grid(self.v(m), m_idx, m_mask.shape[1])
+        if mem is not None and gate is None:
+            k, v, keep = torch.cat([k, mk], 2), torch.cat([v, mv], 2), torch.cat([mask, m_mask], 1)
+        att = attend(q, k, v, keep)
+        if mem is not None and gate is not None:
+            has = m_mask.any(1)  # a row without a caption would give NaN: it reads its first slot, weighted 0
+            safe = m_mask.clone()
+            safe[:, 0] |= ~has
+            read = attend(q, mk, mv, safe) * has[:, None, None, None].to(q.dtype)
+            att = att + torch.tanh(gate).to(q.dtype)[None, :, None, None] * read
         att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
         x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
         y = self.fc2(F.gelu(self.fc1(x)))
@@ -105,7 +123,7 @@ class TunedTop(nn.Module):
     """``k`` pretrained layers over cut-level states; see the module doc."""
 
     def __init__(self, dims: dict, joint: bool | str = True, dropout: float = TOP_OPTIONS["top_dropout"],
-                 attn_dropout: float = TOP_OPTIONS["top_attn_dropout"]):
+                 attn_dropout: float = TOP_OPTIONS["top_attn_dropout"], mem_gate: bool = False):
         super().__init__()
         if joint not in JOINT:
             raise PipelineError(f"train.joint must be true, false or \"memory\", not {joint!r}")
@@ -119,6 +137,10 @@ class TunedTop(nn.Module):
         self.frozen = nn.ModuleList(BertBlock(*shape, 0.0, 0.0) for _ in range(self.n)) if joint == "memory" else None
         if self.frozen is not None:
             self.frozen.requires_grad_(False)
+        if mem_gate and joint != "memory":
+            raise PipelineError("train.mem_gate gates memory reading: it needs joint = \"memory\"")
+        # gated memory: one gate per layer and head, 0 at the start (the text-only encoder)
+        self.gates = nn.Parameter(torch.zeros(self.n, shape[1])) if mem_gate else None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -175,9 +197,9 @@ class TunedTop(nn.Module):
         m_idx = c_mask.reshape(-1).nonzero().squeeze(1)
         flat = s.reshape(b * n, d).index_select(0, idx)
         seg = self.segment.to(c.dtype)
-        for layer, mem in zip(self.layers, levels):
+        for i, (layer, mem) in enumerate(zip(self.layers, levels)):
             m = mem.reshape(-1, d).index_select(0, m_idx) + seg
-            flat = layer(flat, s_mask, idx, (m, c_mask, m_idx))
+            flat = layer(flat, s_mask, idx, (m, c_mask, m_idx), None if self.gates is None else self.gates[i])
         return flat.new_zeros(b * n, d).index_copy(0, idx, flat).view(b, n, d), levels[-1]
 
     def forward(self, s: torch.Tensor, s_mask: torch.Tensor, c: torch.Tensor | None, c_mask: torch.Tensor | None,
@@ -211,7 +233,7 @@ class TopHead:
         o = {**TOP_OPTIONS, **o}  # the defaults live in TOP_OPTIONS only
         if "top_layers" in dims and bool(o["tune_top"]):
             self.top = TunedTop(dims, joint=o["joint"], dropout=float(o["top_dropout"]),
-                                attn_dropout=float(o["top_attn_dropout"]))
+                                attn_dropout=float(o["top_attn_dropout"]), mem_gate=bool(o["mem_gate"]))
             self.top_lr = float(o["top_lr"])
 
     def load_pretrained(self, pretrained: dict) -> None:

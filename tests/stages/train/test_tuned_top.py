@@ -199,6 +199,39 @@ def test_memory_reading_reads_the_frozen_caption_and_never_updates_it():
         TunedTop(dims, joint="both")
 
 
+def test_gated_memory_starts_as_the_text_only_encoder_and_learns_its_gates():
+    """mem_gate: tanh(0) = 0, so at the start the sentence reads nothing of the caption (exactly the
+    text-only pass); the gates get a gradient, a moved gate lets the caption in, a captionless row stays finite."""
+    from stages.train.tuned_top import TunedTop
+
+    dims = {"sent_word": 8, "top_layers": 2, "top_heads": 2, "top_ffn": 16, "top_eps": 1e-12}
+    torch.manual_seed(0)
+    top = TunedTop(dims, joint="memory", mem_gate=True)
+    cached = {f"{i}.{name}.{kind}": p.detach().clone() for i in range(2) for name, short in BERT_NAMES.items()
+              for kind, p in getattr(top.layers[i], short).named_parameters()}
+    top.load_cached(cached)
+    s, c = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    sm, cm = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    cm[1] = False  # the second sample has no caption
+    top.eval()
+    text_only = top.run(s, sm)
+    assert torch.equal(top(s, sm, c, cm)[0], text_only)
+    top.train()
+    top.layers.requires_grad_(False)  # no dropout noise in the check below: read the gates' gradient only
+    for layer in top.layers:
+        layer.p = layer.pa = 0.0
+    top(s, sm, c, cm)[0].square().sum().backward()
+    assert top.gates.grad.abs().sum() > 0
+    with torch.no_grad():
+        top.gates.fill_(1.0)
+    top.eval()
+    out = top(s, sm, c, cm)[0]
+    assert torch.isfinite(out).all() and not torch.allclose(out[0], text_only[0])
+    assert torch.allclose(out[1], text_only[1], atol=1e-6)  # no caption: nothing read
+    with pytest.raises(Exception, match="memory"):
+        TunedTop(dims, joint=True, mem_gate=True)
+
+
 def test_train_with_memory_reading_precomputes_the_caption_states(tmp_path, small_source, tiny_bert3):
     import camim
     from stages.train.trainer import train_one
