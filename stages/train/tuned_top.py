@@ -24,7 +24,7 @@ cut-level states and the cached pretrained weights).  The caption never runs thr
 the tuned layers: per caption piece a step costs the K and V projections, about a ninth of
 reading it jointly.  The caption stream of a head (C_W, its vector) is the frozen top's output.
 
-Gated memory (``mem_gate = true``, with memory reading): the sentence attends to itself and to the
+Gated memory (``mem_gate = true``; it applies to memory reading only): the sentence attends to itself and to the
 caption in two separate softmaxes, and the caption's part is added through ``tanh(g)``, one gate
 ``g`` per layer and head, 0 at the start (Flamingo's gated cross-attention).  The pretrained layers
 thus start exactly as the text-only encoder and let the caption in only as far as training pays;
@@ -137,10 +137,9 @@ class TunedTop(nn.Module):
         self.frozen = nn.ModuleList(BertBlock(*shape, 0.0, 0.0) for _ in range(self.n)) if joint == "memory" else None
         if self.frozen is not None:
             self.frozen.requires_grad_(False)
-        if mem_gate and joint != "memory":
-            raise PipelineError("train.mem_gate gates memory reading: it needs joint = \"memory\"")
-        # gated memory: one gate per layer and head, 0 at the start (the text-only encoder)
-        self.gates = nn.Parameter(torch.zeros(self.n, shape[1])) if mem_gate else None
+        # gated memory: one gate per layer and head, 0 at the start (the text-only encoder); it gates
+        # memory reading only (joint and separate reading ignore it)
+        self.gates = nn.Parameter(torch.zeros(self.n, shape[1])) if mem_gate and joint == "memory" else None
 
     def train(self, mode: bool = True):
         super().train(mode)
