@@ -96,25 +96,26 @@ class BertBlock(nn.Module):
         def attend(q, k, v, keep):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
 
+        def kv(t, idx=idx, n=n):
+            return grid(self.k(t), idx, n), grid(self.v(t), idx, n)
+
         # The order of the projections fixes the order in which backward sums their input gradients,
         # hence the floats of a run: each path keeps the order its measured runs were trained with.
+        m, m_mask, m_idx = mem if mem is not None else (None, None, None)
         if mem is not None and gate is not None:  # gated memory: its own softmax, through tanh(gate)
-            m, m_mask, m_idx = mem
-            q, k, v = grid(self.q(x)), grid(self.k(x)), grid(self.v(x))
-            mk, mv = grid(self.k(m), m_idx, m_mask.shape[1]), grid(self.v(m), m_idx, m_mask.shape[1])
-            att = attend(q, k, v, mask)
+            q = grid(self.q(x))
+            (k, v), (mk, mv) = kv(x), kv(m, m_idx, m_mask.shape[1])
+            att = attend(q, k, v, mask)  # before the caption's read: dropout draws in this order
             has = m_mask.any(1)  # a row without a caption would give NaN: it reads its first slot, weighted 0
             safe = m_mask.clone()
             safe[:, 0] |= ~has
             read = attend(q, mk, mv, safe) * has[:, None, None, None].to(q.dtype)
             att = att + torch.tanh(gate).to(q.dtype)[None, :, None, None] * read
         else:
-            k, v, keep = grid(self.k(x)), grid(self.v(x)), mask
+            (k, v), keep = kv(x), mask
             if mem is not None:  # memory reading: the caption's keys and values beside the sentence's
-                m, m_mask, m_idx = mem
-                k = torch.cat([k, grid(self.k(m), m_idx, m_mask.shape[1])], 2)
-                v = torch.cat([v, grid(self.v(m), m_idx, m_mask.shape[1])], 2)
-                keep = torch.cat([mask, m_mask], 1)
+                mk, mv = kv(m, m_idx, m_mask.shape[1])
+                k, v, keep = torch.cat([k, mk], 2), torch.cat([v, mv], 2), torch.cat([mask, m_mask], 1)
             att = attend(grid(self.q(x)), k, v, keep)
         att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
         x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
