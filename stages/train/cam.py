@@ -37,7 +37,8 @@ Options (``[train]``): ``hidden`` (256), ``heads`` (4),
 ``text_layers`` (1), ``dropout`` (0.1), ``cls_dropout`` (0.5), ``align``
 (``W&S`` | ``W`` | ``S``), ``mi`` (``O&G`` | ``(O+G)&F`` | ``T&F`` | ``(O+G)&T`` |
 ``off``), ``alpha`` (0.1), ``tau`` (1.0, InfoNCE temperature), ``cap_drop`` (0.0: the share of
-training samples whose caption is hidden, per batch).
+training samples whose caption is hidden, per batch), ``cap_ens`` (false: predict from the mean of
+the class probabilities with the caption and without it).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class CamHead(TopHead, nn.Module):
     dataset = "re"
     #: every option this head reads, with its default (a mistyped --opt key is an error naming these)
     OPTIONS = {"hidden": 128, "heads": 2, "text_layers": 0, "dropout": 0.1, "cls_dropout": 0.5, "align": "W&S",
-               "mi": "O&G", "alpha": 0.1, "tau": 1.0, "cap_drop": 0.0, **TOP_OPTIONS}
+               "mi": "O&G", "alpha": 0.1, "tau": 1.0, "cap_drop": 0.0, "cap_ens": False, **TOP_OPTIONS}
 
     def __init__(self, dims: dict, n_labels: int, options: dict | None = None):
         super().__init__()
@@ -126,6 +127,7 @@ class CamHead(TopHead, nn.Module):
         self.cap_drop = float(o["cap_drop"])
         if not 0.0 <= self.cap_drop < 1.0:
             raise PipelineError(f"train.cap_drop must be in [0, 1), not {self.cap_drop}")
+        self.cap_ens = bool(o["cap_ens"])
         d = int(o["hidden"])
         heads = int(o["heads"])
         p = float(o["dropout"])
@@ -255,4 +257,11 @@ class CamHead(TopHead, nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        return self.forward({k: v for k, v in batch.items() if k != "label"})["logits"].argmax(-1)
+        """The class of each sample; with ``cap_ens``, of the mean of its class probabilities read with
+        its caption and read without it (the two views ``cap_drop`` trains; no caption: one view)."""
+        b = {k: v for k, v in batch.items() if k != "label"}
+        logits = self.forward(b)["logits"]
+        if not (self.cap_ens and "cap_mask" in b):
+            return logits.argmax(-1)
+        bare = {**b, "cap_mask": torch.zeros_like(b["cap_mask"]), "has_cap": torch.zeros_like(b["has_cap"])}
+        return (logits.float().softmax(-1) + self.forward(bare)["logits"].float().softmax(-1)).argmax(-1)

@@ -226,3 +226,28 @@ def test_cam_caption_dropout_hides_whole_captions_in_training_only():
     assert torch.isfinite(loss)
     with pytest.raises(PipelineError, match="cap_drop"):
         CamHead(dims, 3, {"cap_drop": 1.0})
+
+
+def test_cam_caption_ensemble_averages_the_two_views_and_leaves_captionless_samples_alone():
+    from stages.train.cam import CamHead
+
+    n, lc = 512, 6
+    dims = {"sent_word": D, "sent_vec": D, "cap_word": D, "cap_vec": D}
+    g = torch.Generator().manual_seed(3)
+    has = torch.arange(n) % 3 != 0
+    batch = {"sent_word": torch.randn(n, 5, D, generator=g), "sent_mask": torch.ones(n, 5, dtype=torch.bool),
+             "sent_vec": torch.randn(n, D, generator=g), "cap_word": 3 * torch.randn(n, lc, D, generator=g),
+             "cap_mask": has[:, None] & (torch.arange(lc)[None] < 4), "cap_vec": 3 * torch.randn(n, D, generator=g), "has_cap": has,
+             "h_idx": torch.zeros(n, dtype=torch.long), "h_end": torch.ones(n, dtype=torch.long),
+             "t_idx": torch.full((n,), 2), "t_end": torch.full((n,), 3)}
+    torch.manual_seed(0)
+    head = CamHead(dims, 9, {"hidden": 16, "heads": 2, "cap_ens": True}).eval()
+    with torch.no_grad():
+        p_cap = head(batch)["logits"].softmax(-1)
+        bare = {**batch, "cap_mask": torch.zeros_like(batch["cap_mask"]), "has_cap": torch.zeros_like(has)}
+        p_bare = head(bare)["logits"].softmax(-1)
+    assert torch.equal(head.predict(batch), (p_cap + p_bare).argmax(-1))
+    assert torch.equal(p_cap[~has], p_bare[~has])  # no caption: the two views are one
+    head.cap_ens = False
+    assert torch.equal(head.predict(batch), p_cap.argmax(-1))
+    assert not torch.equal(p_cap[has].argmax(-1), (p_cap + p_bare)[has].argmax(-1))  # the views disagree somewhere
