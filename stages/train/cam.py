@@ -107,6 +107,12 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float = 1.0) -> torch.Tensor
     return F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
 
 
+def hide_captions(batch: dict, keep: torch.Tensor) -> dict:
+    """``batch`` with the caption of every sample where ``keep`` is false hidden whole (mask and
+    has-caption flag), as if its MLLM had written none."""
+    return {**batch, "cap_mask": batch["cap_mask"] & keep[:, None], "has_cap": batch["has_cap"] & keep}
+
+
 class CamHead(TopHead, nn.Module):
     dataset = "re"
     #: every option this head reads, with its default (a mistyped --opt key is an error naming these)
@@ -235,7 +241,7 @@ class CamHead(TopHead, nn.Module):
         if not (self.training and self.cap_drop > 0 and "cap_mask" in batch):
             return batch
         keep = torch.rand(batch["cap_mask"].shape[0], device=batch["cap_mask"].device) >= self.cap_drop
-        return {**batch, "cap_mask": batch["cap_mask"] & keep[:, None], "has_cap": batch["has_cap"] & keep}
+        return hide_captions(batch, keep)
 
     def forward(self, batch: dict) -> dict:
         z = self.encode(self.drop_captions(batch))
@@ -263,5 +269,5 @@ class CamHead(TopHead, nn.Module):
         logits = self.forward(b)["logits"]
         if not (self.cap_ens and "cap_mask" in b):
             return logits.argmax(-1)
-        bare = {**b, "cap_mask": torch.zeros_like(b["cap_mask"]), "has_cap": torch.zeros_like(b["has_cap"])}
+        bare = hide_captions(b, torch.zeros_like(b["has_cap"]))
         return (logits.float().softmax(-1) + self.forward(bare)["logits"].float().softmax(-1)).argmax(-1)
