@@ -259,8 +259,15 @@ def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> dict
     return {k: doc[k] for k in ("epoch", "best_f1", "best_epoch", "best_state", "history", "n_seen", "train_seconds")}
 
 
+#: Bumped when a change of the training code changes what a run computes under the same options
+#: (2: the tuned top's own dropout masks and attention, ``tuned_top.dropout``); part of every run's
+#: key, so a run trained by older code is never reused as if it were this code's.
+RUN_VERSION = 2
+
+
 def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> dict:
     return {
+        "version": RUN_VERSION,
         "task": settings.task,
         "head": conf["head"],
         "mllm": mllm,

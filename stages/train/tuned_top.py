@@ -38,6 +38,7 @@ cached weights by name without any ``transformers`` code:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -63,6 +64,42 @@ BERT_NAMES = {
 }
 
 
+#: resolution of the dropout keep mask: one 16-bit slice of a 64-bit draw per element
+_MASK_BITS = 16
+
+
+def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """A Bernoulli(1 - p') keep mask of ``shape`` and its scale 1 / (1 - p'), where p' is ``p``
+    rounded to a multiple of 2^-16 (0.1 -> 0.1000061).  The bits are 16-bit slices of 64-bit draws of
+    the torch generator: four elements per draw, where ``Tensor.bernoulli_`` on a CPU pays about
+    four times as much per element (README "Tuned top layers": it was a sixth of a training step).
+    The generator is torch's own, so ``seed_all`` and the checkpoint's RNG state still fix it."""
+    n = math.prod(shape)
+    cut = round(p * (1 << _MASK_BITS))
+    draws = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    bits = draws.view(torch.int16)[:n].view(shape)
+    return bits >= cut - (1 << (_MASK_BITS - 1)), (1 << _MASK_BITS) / ((1 << _MASK_BITS) - cut)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` with the mask of :func:`keep_mask`."""
+    if not training or p <= 0.0:
+        return x
+    keep, scale = keep_mask(x.shape, p, x.device)
+    return x * (keep.to(x.dtype) * scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v, with dropout ``p`` on the probabilities; ``keep``: ``[B, Nk]`` key mask
+    (every row keeps at least one key).  Written out rather than ``F.scaled_dot_product_attention``:
+    with dropout a CPU runs SDPA's unfused path anyway, drawing its mask by ``bernoulli_``, and at
+    these sizes (12 heads of 32, a few dozen keys) its fused kernel was no faster (README)."""
+    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    a = torch.softmax(s, -1, dtype=torch.float32)
+    return torch.matmul(dropout(a, p, True).to(v.dtype), v)
+
+
 class BertBlock(nn.Module):
     def __init__(self, d: int, heads: int, ffn: int, eps: float, dropout: float, attn_dropout: float):
         super().__init__()
@@ -75,8 +112,7 @@ class BertBlock(nn.Module):
         self.fc2 = nn.Linear(ffn, d)
         self.ln2 = nn.LayerNorm(d, eps=eps)
         self.p = dropout
-        # dropout on the attention probabilities: on a CPU any p > 0 forces the unfused attention
-        # path and a Bernoulli mask of [B, heads, N, N] (README "Tuned top layers": its cost)
+        # dropout on the attention probabilities [B, heads, N, N]: see attention()
         self.pa = attn_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, mem: tuple | None = None,
@@ -94,7 +130,7 @@ class BertBlock(nn.Module):
             return g.view(b, n, self.h, d // self.h).transpose(1, 2)
 
         def attend(q, k, v, keep):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=self.pa if self.training else 0.0)
+            return attention(q, k, v, keep, self.pa if self.training else 0.0)
 
         def kv(t, idx=idx, n=n):
             return grid(self.k(t), idx, n), grid(self.v(t), idx, n)
@@ -118,9 +154,9 @@ class BertBlock(nn.Module):
                 k, v, keep = torch.cat([k, mk], 2), torch.cat([v, mv], 2), torch.cat([mask, m_mask], 1)
             att = attend(grid(self.q(x)), k, v, keep)
         att = att.transpose(1, 2).reshape(b * n, d).index_select(0, idx)
-        x = self.ln1(x + F.dropout(self.o(att), self.p, self.training))
+        x = self.ln1(x + dropout(self.o(att), self.p, self.training))
         y = self.fc2(F.gelu(self.fc1(x)))
-        return self.ln2(x + F.dropout(y, self.p, self.training))
+        return self.ln2(x + dropout(y, self.p, self.training))
 
 
 JOINT = (True, False, "memory")

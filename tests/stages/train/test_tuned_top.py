@@ -318,3 +318,44 @@ def test_cached_caption_memory_matches_the_frozen_pass_and_skips_it(tmp_path, sm
     before = cached.cap_levels
     TopHead.prepare_data(head2, cached)
     assert calls == [] and cached.cap_levels is before
+
+
+def test_dropout_mask_keeps_one_minus_p_unbiased_and_follows_the_torch_seed():
+    from stages.train.tuned_top import dropout, keep_mask
+
+    torch.manual_seed(3)
+    keep, scale = keep_mask((1001, 999), 0.1, "cpu")  # an odd count: the last 64-bit draw is split
+    assert keep.shape == (1001, 999) and keep.dtype == torch.bool
+    rate = keep.double().mean().item()
+    assert abs(rate - 0.9) < 0.002  # 1e6 draws: the std of the rate is 3e-4
+    assert scale == pytest.approx(1 / (1 - 6554 / 65536))  # p rounded to 16 bits
+    x = torch.ones(1000, 1000)
+    assert dropout(x, 0.1, True).mean().item() == pytest.approx(1.0, abs=0.003)  # unbiased in expectation
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    torch.manual_seed(3)
+    again, _ = keep_mask((1001, 999), 0.1, "cpu")
+    assert torch.equal(keep, again)  # seed_all and the checkpoint's RNG state fix it
+    assert not torch.equal(keep, keep_mask((1001, 999), 0.1, "cpu")[0])
+    # rows are not copies of each other (the 16-bit slices of one draw are independent bits)
+    assert (keep[0] != keep[1]).any() and (keep[:, 0] != keep[:, 1]).any()
+
+
+def test_written_out_attention_is_sdpa_without_dropout_and_drops_with_it():
+    import torch.nn.functional as F
+
+    from stages.train.tuned_top import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 5, 8, generator=g) for _ in range(3))
+    keep = torch.rand(3, 5, generator=g) < 0.6
+    keep[:, 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    assert torch.allclose(attention(q, k, v, keep, 0.0), ref, atol=1e-5)
+    torch.manual_seed(1)
+    dropped = attention(q, k, v, keep, 0.5)
+    assert not torch.allclose(dropped, ref, atol=1e-3)
+    # masked keys get no weight, with or without dropout: changing their values changes nothing
+    v2 = v.clone()
+    v2[~keep[:, None, :, None].expand_as(v2)] = 100.0
+    torch.manual_seed(1)
+    assert torch.allclose(attention(q, k, v2, keep, 0.5), dropped)
