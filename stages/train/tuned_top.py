@@ -82,9 +82,12 @@ def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with the mask of :func:`keep_mask`."""
+    """``F.dropout`` with the mask of :func:`keep_mask` on a CPU; elsewhere ``F.dropout`` itself (a
+    GPU draws Bernoulli masks at no real cost)."""
     if not training or p <= 0.0:
         return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
     keep, scale = keep_mask(x.shape, p, x.device)
     return x * (keep.to(x.dtype) * scale)
 
@@ -93,7 +96,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Ten
     """softmax(q kᵀ / √d + mask) v, with dropout ``p`` on the probabilities; ``keep``: ``[B, Nk]`` key mask
     (every row keeps at least one key).  Written out rather than ``F.scaled_dot_product_attention``:
     with dropout a CPU runs SDPA's unfused path anyway, drawing its mask by ``bernoulli_``, and at
-    these sizes (12 heads of 32, a few dozen keys) its fused kernel was no faster (README)."""
+    these sizes (12 heads of 32, a few dozen keys) its fused kernel was no faster (README).  Off the
+    CPU, SDPA itself: a GPU's fused kernels take dropout."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p)
     s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
     a = torch.softmax(s, -1, dtype=torch.float32)

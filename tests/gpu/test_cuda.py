@@ -63,3 +63,26 @@ def test_text_features_on_cuda_match_cpu(tmp_path):
     assert a.shape == b.shape
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
     assert out[0].row["h_start"] == out[1].row["h_start"] == 1
+
+
+def test_tuned_top_trains_on_cuda_with_sdpa_and_matches_the_cpu_without_dropout():
+    from stages.train.tuned_top import TunedTop
+
+    dims = {"sent_word": 64, "top_layers": 2, "top_heads": 4, "top_ffn": 128, "top_eps": 1e-12}
+    torch.manual_seed(0)
+    top = TunedTop(dims, joint="memory", mem_gate=True)
+    with torch.no_grad():
+        top.gates.fill_(0.5)
+    s, c, lv = torch.randn(3, 7, 64), torch.randn(3, 5, 64), torch.randn(3, 5, 2 * 64)
+    sm, cm = torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 5, dtype=torch.bool)
+    sm[0, 4:] = False
+    cm[1, 2:] = False
+    top.eval()
+    with torch.no_grad():
+        ref, _ = top(s, sm, c, cm, lv)
+        out, _ = top.cuda()(s.cuda(), sm.cuda(), c.cuda(), cm.cuda(), lv.cuda())
+    assert torch.allclose(out.cpu(), ref, atol=1e-4)
+    top.train()
+    y, _ = top(s.cuda(), sm.cuda(), c.cuda(), cm.cuda(), lv.cuda())
+    y.pow(2).mean().backward()
+    assert top.layers[0].q.weight.grad is not None and torch.isfinite(top.layers[0].q.weight.grad).all()
