@@ -72,7 +72,7 @@ def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     """A Bernoulli(1 - p') keep mask of ``shape`` and its scale 1 / (1 - p'), where p' is ``p``
     rounded to a multiple of 2^-16 (0.1 -> 0.1000061).  The bits are 16-bit slices of 64-bit draws of
     the torch generator: four elements per draw, where ``Tensor.bernoulli_`` on a CPU pays about
-    four times as much per element (README "Tuned top layers": it was a sixth of a training step).
+    four times as much per element (README "The tuned top's own dropout masks": it was a sixth of a step).
     The generator is torch's own, so ``seed_all`` and the checkpoint's RNG state still fix it."""
     n = math.prod(shape)
     cut = round(p * (1 << _MASK_BITS))
@@ -96,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Ten
     """softmax(q kᵀ / √d + mask) v, with dropout ``p`` on the probabilities; ``keep``: ``[B, Nk]`` key mask
     (every row keeps at least one key).  Written out rather than ``F.scaled_dot_product_attention``:
     with dropout a CPU runs SDPA's unfused path anyway, drawing its mask by ``bernoulli_``, and at
-    these sizes (12 heads of 32, a few dozen keys) its fused kernel was no faster (README).  Off the
+    these sizes (12 heads of 32, a few dozen keys) its fused kernel was no faster.  Off the
     CPU, SDPA itself: a GPU's fused kernels take dropout."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p)
