@@ -3,7 +3,8 @@
 AdamW (weight decay on matrices only: none on biases and LayerNorm), linear warm-up
 over ``warmup`` (10%) of the steps then linear decay to 0, batch 32, seeded.  The
 epoch with the best validation micro-F1 is kept (strictly better, as CAMIM) and
-scored on val and test.  bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
+scored on val and test.  With ``ema`` > 0, an exponential moving average of the trained
+weights is what each epoch's validation scores and what the run keeps.  bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
 AVX512-BF16); parameters and the optimiser stay fp32.
 
 A run folder holds ``config.json`` (settings, options, every cache key),
@@ -22,6 +23,7 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,7 @@ DEFAULTS = {
     "seeds": [1, 2, 3],
     "threads": 0,
     "bucket": 50,
+    "ema": 0.0,           # decay of an exponential moving average of the weights (0 = off): :class:`WeightAverage`
     "log": "jsonl",       # training curves: jsonl (runs/<id>/curves.jsonl) and/or tensorboard
     "log_every": 20,      # steps between logged losses
 }
@@ -173,6 +176,46 @@ def load_data(settings: Settings, mllm: str, head_name: str, inputs: dict):
     return DATASETS.get(kind)(settings, mllm, inputs)
 
 
+class WeightAverage:
+    """An exponential moving average of the trainable parameters, updated after each optimiser step
+    with decay ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (the average tracks closely at the
+    start, as tf.train.ExponentialMovingAverage with ``num_updates``).  :meth:`swapped` puts the
+    average into the model for validation and for keeping, then the trained weights back; buffers
+    stay the model's.  The selected epoch is scored on weights averaged over its last few hundred
+    steps, not on one step's, which damps the step-to-step noise that epoch selection would read."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise PipelineError(f"train.ema must be 0 (off) or a decay between 0 and 1, not {decay}")
+        self.decay, self.n = decay, 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - min(self.decay, (1 + self.n) / (10 + self.n)))
+
+    @contextmanager
+    def swapped(self):
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow, list(state["shadow"]))
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -222,11 +265,13 @@ def fresh_progress() -> dict:
     return {"epoch": 0, "best_f1": -1.0, "best_epoch": -1, "best_state": None, "history": [], "n_seen": 0, "train_seconds": 0.0}
 
 
-def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, progress: dict) -> None:
+def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, progress: dict, ema: WeightAverage | None = None) -> None:
     """Everything needed to continue after the epoch just finished, written atomically."""
     doc = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
            "torch_rng": torch.get_rng_state(), "py_rng": list(random.getstate()[1]), "py_rng_pos": random.getstate()[2],
            **progress}
+    if ema is not None:
+        doc["ema"] = ema.state_dict()
     if torch.cuda.is_available():
         doc["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -241,7 +286,7 @@ def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, progres
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> dict:
+def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, ema: WeightAverage | None = None) -> dict:
     try:
         doc = torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: start over rather than die
@@ -252,6 +297,8 @@ def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> dict
     opt.load_state_dict(doc["opt"])
     sched.load_state_dict(doc["sched"])
     gen.set_state(doc["gen"])
+    if ema is not None:
+        ema.load_state_dict(doc["ema"])
     torch.set_rng_state(doc["torch_rng"])
     random.setstate((3, tuple(doc["py_rng"]), doc["py_rng_pos"]))
     if "cuda_rng" in doc and torch.cuda.is_available():
@@ -326,6 +373,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     opt = adamw(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), float(conf["lr"]), device)
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
+    ema = WeightAverage(model, float(conf["ema"])) if float(conf["ema"]) else None
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint.pt"
     old_key = None
@@ -339,7 +387,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     atomic_write_json(out_dir / "config.json", {**config, "key": key, "profile": settings.conf, "source": settings.source})
     state = fresh_progress()
     if ckpt.exists():
-        state = load_checkpoint(ckpt, model, opt, sched, gen)
+        state = load_checkpoint(ckpt, model, opt, sched, gen, ema)
         say(f"train [{run_id}]: resuming after epoch {state['epoch']} from {ckpt}")
     best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
     history = state["history"]
@@ -363,6 +411,8 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
             out["loss"].backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             n_seen += len(b["label"])
             step += 1
             vals = {"loss": float(out["loss"].detach()), **{k: float(v.detach()) for k, v in out.get("aux", {}).items()}}
@@ -371,20 +421,21 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
             if step % every == 0:
                 curves.step(step, epoch, vals, float(sched.get_last_lr()[0]))
         train_seconds += time.perf_counter() - te
-        val, _ = evaluate(model, data, "val", conf, device, amp, metrics)
+        with ema.swapped() if ema is not None else nullcontext():
+            val, _ = evaluate(model, data, "val", conf, device, amp, metrics)
+            better = val["f1"] > best_f1
+            if better:
+                best_f1, best_epoch = val["f1"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         row = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()}, "val_f1": val["f1"],
                "val_acc": val.get("acc"), "seconds": time.perf_counter() - te}
         history.append(row)
         curves.epoch(epoch, step, {k: v for k, v in row.items() if k != "epoch"})
-        better = val["f1"] > best_f1
-        if better:
-            best_f1, best_epoch = val["f1"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         say(f"  epoch {epoch}/{epochs}: loss {row['loss']:.4f}" + "".join(f" {k} {row[k]:.4f}" for k in sums if k != "loss")
             + f"  val F1 {val['f1'] * 100:.2f}{' *' if better else ''}  ({row['seconds']:.1f}s)")
         save_checkpoint(ckpt, model, opt, sched, gen, {"epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch,
                                                        "best_state": best_state, "history": history, "n_seen": n_seen,
-                                                       "train_seconds": train_seconds})
+                                                       "train_seconds": train_seconds}, ema)
     curves.close()
     model.load_state_dict(best_state)
     results, pred_rows = {}, {"split": [], "index": [], "sample_id": [], "gold": [], "pred": [], "gold_label": [], "pred_label": []}

@@ -14,7 +14,8 @@ def _train(small_source, cache, runs, kill_after=None):
         env["CAMIM_TEST_KILL_AFTER_EPOCH"] = str(kill_after)
     cmd = [sys.executable, "-m", "camim.cli", "train", "--source", str(small_source), "--cache-dir", str(cache),
            "--runs-dir", str(runs), "--mllm", "imported:qwen", "--epochs", "4",
-           "--opt", "hidden=32", "--opt", "heads=2", "--opt", "lr=3e-3", "--opt", "log_every=1"]
+           "--opt", "hidden=32", "--opt", "heads=2", "--opt", "lr=3e-3", "--opt", "log_every=1",
+           "--opt", "ema=0.9"]  # the weight average is part of what resumes
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 

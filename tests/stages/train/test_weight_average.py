@@ -1,0 +1,63 @@
+"""The moving average of the weights (``train.ema``): its arithmetic, the swap, the bad values."""
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from stages.train.trainer import WeightAverage
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    m[1].weight.requires_grad_(False)  # frozen parameters are not averaged
+    return m
+
+
+def test_the_average_follows_its_formula():
+    m = _model()
+    avg = WeightAverage(m, 0.9)
+    w = m[0].weight
+    expect = w.detach().clone()
+    for n in range(1, 30):
+        with torch.no_grad():
+            w.add_(torch.randn_like(w))
+        avg.update()
+        d = min(0.9, (1 + n) / (10 + n))
+        expect = d * expect + (1 - d) * w.detach()
+    assert torch.allclose(avg.shadow[0], expect, atol=1e-6)
+    assert len(avg.shadow) == 3  # the Linear's weight and bias, the LayerNorm's bias; not the frozen weight
+    assert not torch.equal(avg.shadow[0], w.detach())
+
+
+def test_swapped_puts_the_average_in_and_the_trained_weights_back():
+    m = _model()
+    avg = WeightAverage(m, 0.5)
+    live = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in avg.shadow:
+            p.add_(1.0)
+    with avg.swapped():
+        assert torch.equal(m[0].weight, live["0.weight"] + 1.0)
+        assert torch.equal(m[1].weight, live["1.weight"])  # frozen: untouched
+    assert all(torch.equal(v, live[k]) for k, v in m.state_dict().items())
+    with pytest.raises(RuntimeError), avg.swapped():
+        raise RuntimeError("validation failed")
+    assert all(torch.equal(v, live[k]) for k, v in m.state_dict().items())
+
+
+def test_state_round_trips():
+    m = _model()
+    a = WeightAverage(m, 0.9)
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    a.update()
+    b = WeightAverage(_model(), 0.9)
+    b.load_state_dict(a.state_dict())
+    assert b.n == 1 and all(torch.equal(x, y) for x, y in zip(a.shadow, b.shadow))
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1])
+def test_a_decay_out_of_range_is_a_clear_error(decay):
+    with pytest.raises(PipelineError, match="train.ema"):
+        WeightAverage(_model(), decay)
