@@ -4,8 +4,8 @@ AdamW (weight decay on matrices only: none on biases and LayerNorm), linear warm
 over ``warmup`` (10%) of the steps then linear decay to 0, batch 32, seeded.  The
 epoch with the best validation micro-F1 is kept (strictly better, as CAMIM) and
 scored on val and test.  With ``ema`` > 0, an exponential moving average of the trained
-weights is what each epoch's validation scores and what the run keeps.  bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
-AVX512-BF16); parameters and the optimiser stay fp32.
+weights is what each epoch's validation scores and what the run keeps.  bf16 autocast on
+CUDA and on CPUs with native bf16 (AMX / AVX512-BF16); parameters and the optimiser stay fp32.
 
 A run folder holds ``config.json`` (settings, options, every cache key),
 ``metrics.json`` (fractions; per-epoch history; modalities present),
@@ -194,7 +194,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         self.n += 1
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - min(self.decay, (1 + self.n) / (10 + self.n)))
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - min(self.decay, (1 + self.n) / (10 + self.n)))
 
     @contextmanager
     def swapped(self):
@@ -373,7 +373,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     opt = adamw(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), float(conf["lr"]), device)
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
-    ema = WeightAverage(model, float(conf["ema"])) if float(conf["ema"]) else None
+    ema = WeightAverage(model, decay) if (decay := float(conf["ema"])) else None
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint.pt"
     old_key = None
