@@ -69,6 +69,21 @@ def top_flops(data, dims: dict, joint: bool | str) -> dict[str, float]:
     return {"train": train, "val": fwd("val") if "val" in data.splits else 0.0}
 
 
+def trainer_head(data, conf: dict, device):
+    """The head as the trainer builds it (started from the cached top layers, memory reading's caption
+    states prepared) and an AdamW over it."""
+    from stages.train import HEADS
+    from stages.train.trainer import adamw, param_groups
+
+    head = HEADS.get(conf["head"])(data.dims, len(data.labels), dict(conf))
+    if hasattr(head, "load_pretrained") and data.pretrained:
+        head.load_pretrained(data.pretrained)
+    head = head.to(device)
+    if hasattr(head, "prepare_data"):
+        head.prepare_data(data)
+    return head, adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
+
+
 def _settings_from_env():
     from pipeline.config import Settings, default_cache_dir
 
@@ -89,7 +104,6 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     from stages.train.trainer import (
         adamw,
         amp_dtype,
-        param_groups,
         pick_device,
         train_one,
         train_options,
@@ -154,13 +168,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     amp = amp_dtype(str(conf["amp"]), device)
     bs = int(conf["batch_size"])
     rows = data.splits["train"][:bs]
-    head = HEADS.get(conf["head"])(data.dims, len(data.labels), {k: v for k, v in conf.items()})
-    if hasattr(head, "load_pretrained") and data.pretrained:
-        head.load_pretrained(data.pretrained)
-    head = head.to(device)
-    if hasattr(head, "prepare_data"):
-        head.prepare_data(data)
-    opt = adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
+    head, opt = trainer_head(data, conf, device)
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
     def head_step(amp=amp):
@@ -173,7 +181,6 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     stage = text_stage(settings)
     stage.setup()
     enc = stage.model.float().train()
-    enc_opt = adamw([{"params": list(enc.parameters()) + list(head.parameters())}], 1e-5, device)
     recs = [data.records[i] for i in rows.tolist()]
     words = [mark_tokens(r["tokens"], (r["h_start"], r["h_end"]), (r["t_start"], r["t_end"]), stage.conf["markers"])[0] for r in recs]
     tok = stage.tok(words, is_split_into_words=True, truncation=True, max_length=stage.conf["max_len"], padding=True, return_tensors="pt")
@@ -186,12 +193,10 @@ def main(settings=None, argv: list[str] | None = None) -> int:
         texts = [caps[0].for_record(r) or "" for r in recs]
         cap_tok = stage.tok(texts, truncation=True, max_length=stage.conf["caption_max_len"], padding=True, return_tensors="pt")
         cap_tok = {k: v.to(device) for k, v in cap_tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    # with a tuned top the encoder's output is the cut level (its layers below the cut), the head runs the rest
-    level = -1 - int(top)
-
-    def states(t):
-        out = enc(**t, output_hidden_states=True)
-        return out.hidden_states[level] if top else out.last_hidden_state
+    # End-to-end is what the tuned top replaces: every encoder layer forward and backward over the sentence and the
+    # caption, and the same head reading the encoder's last layer (its own tuned top off, nothing computed twice).
+    e2e_head = HEADS.get(conf["head"])(data.dims, len(data.labels), {**conf, "tune_top": False}).to(device)
+    enc_opt = adamw([{"params": list(enc.parameters()) + list(e2e_head.parameters())}], 1e-5, device)
 
     def put(b, name, h):
         n = min(h.shape[1], b[name].shape[1])
@@ -200,11 +205,11 @@ def main(settings=None, argv: list[str] | None = None) -> int:
 
     def e2e_step():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            b = {k: v for k, v in batch.items() if k != "cap_levels"}  # memory reading: levels from the live encoder
-            put(b, "sent_word", states(tok))
+            b = {k: v for k, v in batch.items() if k != "cap_levels"}
+            put(b, "sent_word", enc(**tok).last_hidden_state)
             if cap_tok is not None:
-                put(b, "cap_word", states(cap_tok))
-            loss = head(b)["loss"]
+                put(b, "cap_word", enc(**cap_tok).last_hidden_state)
+            loss = e2e_head(b)["loss"]
         enc_opt.zero_grad(set_to_none=True)
         loss.backward()
         enc_opt.step()
