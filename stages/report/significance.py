@@ -16,8 +16,11 @@ Dror et al. 2019 for seeds):
   lies at least as far from it as the observed ΔF1 lies from 0 (``(count + 1) / (B + 1)``).
 
 With a single seed, training noise is not measured at all: the interval and p are still
-given (item noise only) but nothing is called significant.  A gain is significant when
-there are at least ``min_seeds`` (2) seeds and p < ``alpha`` (0.05).  Selection never looks
+given (item noise only) but nothing is called significant.  A report compares several
+sources with the same ``none``, so its p-values are a family: :func:`apply_holm` adds Holm's
+step-down adjustment (Holm 1979; it holds the family-wise error rate at ``alpha`` for any
+dependence between the tests), and a gain is significant when there are at least
+``min_seeds`` (2) seeds and the **adjusted** p < ``alpha`` (0.05).  Selection never looks
 at test: each run's epoch was picked on val before this runs.
 """
 
@@ -89,6 +92,27 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n_boot: int = 2000, se
     return {"delta_f1": diff_obs, "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p),
             "significant": bool(enough and p < alpha), "enough_seeds": bool(enough),
             "n_items": int(n), "n_seeds": int(s), "n_boot": int(n_boot), "alpha": alpha}
+
+
+def holm(pvals: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m is multiplied
+    by m - i (i from 0), made non-decreasing along that order, and capped at 1."""
+    m = len(pvals)
+    out = [0.0] * m
+    run = 0.0
+    for i, j in enumerate(sorted(range(m), key=lambda k: pvals[k])):
+        run = max(run, min(1.0, (m - i) * float(pvals[j])))
+        out[j] = run
+    return out
+
+
+def apply_holm(sigs: Sequence[dict]) -> None:
+    """Adjust a report's family of comparisons in place: ``p_holm`` (Holm over every non-empty
+    result), ``family`` (how many), and ``significant`` decided on ``p_holm``."""
+    fam = [s for s in sigs if s]
+    for s, adj in zip(fam, holm([s["p_value"] for s in fam])):
+        s["p_holm"], s["family"] = adj, len(fam)
+        s["significant"] = bool(s["enough_seeds"] and adj < s["alpha"])
 
 
 def load_test_counts(run_dirs: Sequence[Path], labels: Sequence[str], counts: Callable, split: str = "test") -> tuple[np.ndarray, list]:

@@ -134,6 +134,8 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     sig = rows["imported:qwen"]["significance"]
     assert sig["n_seeds"] == 2 and sig["n_items"] == sum(1 for r in env_records(env) if r["split"] == "test")
     assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
+    assert sig["family"] == 1 and sig["p_holm"] == sig["p_value"]  # one source against none: nothing to adjust
+    assert "p (Holm)" in md
     assert "95% CI" in md and "paired two-level bootstrap" in md
     # what the comparison cost: 4 runs, all trained here, and their summed wall time
     meta = out["meta"]

@@ -1,6 +1,7 @@
 """The report's paired bootstrap: counts agree with the metrics, noise is not called a gain, a real gain is."""
 
 import numpy as np
+import pytest
 
 from stages.report.significance import (
     f1_of,
@@ -97,3 +98,27 @@ def test_the_report_gives_each_sources_run_time_and_the_total_including_reused_r
     assert head[-1] == "min/run" and body[0][-1] == "15.0"
     line = training_line({"runs": 2, "runs_reused": 2, "runs_wall_s": 1800.0, "wall_s": 30.0})
     assert line.startswith("Training: 2 run(s), 0.50 h of run time in all (2 reused") and line.endswith("this report took 0.5 min.")
+
+
+def test_holm_adjusts_a_family_of_p_values_step_down():
+    from stages.report.significance import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> non-decreasing: 0.04 becomes 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.3, 0.9]) == pytest.approx([0.6, 0.9])
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02] and holm([]) == []
+
+
+def test_a_gain_significant_alone_is_not_once_the_family_is_adjusted():
+    from stages.report.significance import apply_holm
+
+    def sig(p, enough=True):
+        return {"p_value": p, "alpha": 0.05, "enough_seeds": enough, "significant": enough and p < 0.05}
+
+    strong, weak, noise, one_seed = sig(0.001), sig(0.03), sig(0.5), sig(0.001, enough=False)
+    apply_holm([None, strong, weak, noise, one_seed])  # none's own row has no comparison
+    assert strong["family"] == 4 and strong["p_holm"] == pytest.approx(0.004) and strong["significant"]
+    assert weak["p_value"] == 0.03 and weak["p_holm"] == pytest.approx(0.06) and not weak["significant"]
+    assert noise["p_holm"] == pytest.approx(0.5) and not noise["significant"]  # the largest: x1, after 0.06
+    assert one_seed["p_holm"] == pytest.approx(0.004) and not one_seed["significant"]  # one seed: never
