@@ -125,8 +125,8 @@ def demo(settings: Settings) -> float:
     smoke = (f"SMOKE CHECK of the chain, not a comparison: {len(seeds)} seed(s), {epochs} epochs on the bundled sample "
              f"(300 train / 100 test samples). That is too little data to learn the task: F1 here is far below the full "
              f"data's (README: the caption-model comparison) and moves by tens of points with any change to training, "
-             f"down to 0 for a source. With one seed, training noise is unmeasured, so no difference here can be called significant; the significance "
-             f"columns say so.")
+             f"down to 0 for a source. With one seed, training noise is unmeasured, so no difference here can be "
+             f"called significant; the significance columns say so.")
     out = run_report(settings, sources, lambda m: train_inputs(g, m), seeds, {"epochs": epochs}, name="demo", quiet_runs=True,
                      smoke=smoke)
     n_sig = sum(bool((r.get("significance") or {}).get("significant")) for r in out["rows"])
