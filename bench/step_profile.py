@@ -25,7 +25,7 @@ CASTS = ("aten::copy_", "aten::_to_copy")
 
 
 def main(settings=None, argv: list[str] | None = None) -> int:
-    from bench.train_bench import _settings_from_env, top_flops, trainer_head
+    from bench.train_bench import _settings_from_env, top_flops, train_step, trainer_head
     from pipeline.config import Settings
 
     if not isinstance(settings, Settings):
@@ -45,17 +45,13 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     head, opt = trainer_head(data, conf, device)
     gen = torch.Generator().manual_seed(1)
     batches = epoch_batches(data.splits["train"], data.lengths, int(conf["batch_size"]), int(conf["bucket"]), gen)
-    batches = batches * (1 + (3 + 3 * steps) // len(batches))  # a small sample: its batches again
+    steps_per_epoch = len(batches)
+    batches = batches * (1 + (3 + 3 * steps) // steps_per_epoch)  # a small sample: its batches again
     warm, timed, prof = batches[:3], batches[3 : 3 + 2 * steps], batches[3 + 2 * steps : 3 + 3 * steps]
     head.train()
 
     def step(rows):
-        b = {k: v.to(device) for k, v in data.batch(rows).items()}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = head(b)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(head, opt, {k: v.to(device) for k, v in data.batch(rows).items()}, amp, device)
 
     roof = roofline(3)
     for r in warm:
@@ -81,8 +77,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
           f"dtype casts {casts / total:.0%}, the rest {(total - mm - casts) / total:.0%}")
     if "top_layers" in data.dims:
         fl = top_flops(data, data.dims, conf.get("joint", True))
-        n_steps = len(batches)
-        per_step = fl["train"] / n_steps
+        per_step = fl["train"] / steps_per_epoch
         peak = roof["bf16" if amp == torch.bfloat16 else "fp32"]
         print(f"the tuned top's matmuls: {per_step / 1e9:.0f} GFLOP a training step -> {per_step / (mm / len(prof) / 1e6) / 1e9:.0f} "
               f"GFLOP/s while in matmuls, {per_step / (mm / len(prof) / 1e6) / 1e9 / peak:.0%} of the roofline measured now "

@@ -84,6 +84,15 @@ def trainer_head(data, conf: dict, device):
     return head, adamw(param_groups(head, 0.01, 1e-3), 1e-3, device)
 
 
+def train_step(head, opt, batch: dict, amp, device) -> None:
+    """One optimiser step of ``head`` on ``batch``, in the precision ``amp`` (None: fp32), as the trainer takes it."""
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = head(batch)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _settings_from_env():
     from pipeline.config import Settings, default_cache_dir
 
@@ -172,11 +181,7 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     batch = {k: v.to(device) for k, v in data.batch(rows).items()}
 
     def head_step(amp=amp):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = head(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(head, opt, batch, amp, device)
 
     stage = text_stage(settings)
     stage.setup()
