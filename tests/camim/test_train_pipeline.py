@@ -136,6 +136,11 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
     assert sig["family"] == 1 and sig["p_holm"] == sig["p_value"]  # one source against none: nothing to adjust
     assert "p (Holm)" in md
+    # what a "no" can rule out: the gain this test would find 4 times in 5 (none when nothing varies)
+    from stages.report.significance import detectable
+
+    assert sig["mde"] == pytest.approx(detectable(sig["se"])) and "| detectable |" in md
+    assert (f"±{sig['mde'] * 100:.2f}" if sig["se"] > 0 else "n/a (no spread)") in md
     assert "95% CI" in md and "paired two-level bootstrap" in md
     # what the comparison cost: 4 runs, all trained here, and their summed wall time
     meta = out["meta"]

@@ -122,3 +122,35 @@ def test_a_gain_significant_alone_is_not_once_the_family_is_adjusted():
     assert weak["p_value"] == 0.03 and weak["p_holm"] == pytest.approx(0.06) and not weak["significant"]
     assert noise["p_holm"] == pytest.approx(0.5) and not noise["significant"]  # the largest: x1, after 0.06
     assert one_seed["p_holm"] == pytest.approx(0.004) and not one_seed["significant"]  # one seed: never
+
+
+def test_the_detectable_gain_is_the_normal_power_formula_at_the_familys_level():
+    from stages.report.significance import detectable
+
+    # z(0.975) + z(0.8) = 1.95996 + 0.84162; with a family of 4, z(1 - 0.05 / 8) = 2.49771
+    assert detectable(0.01) == pytest.approx(0.0280158, abs=1e-6)
+    assert detectable(0.01, family=4) == pytest.approx(0.0333933, abs=1e-6)
+    assert detectable(0.01, family=4) > detectable(0.01, family=2) > detectable(0.01)
+    assert detectable(0.02, power=0.9) == pytest.approx(2 * (1.95996 + 1.28155) * 0.01, abs=1e-5)
+
+
+def test_the_detectable_gain_follows_the_bootstraps_spread_and_shrinks_with_more_items():
+    from stages.report.significance import apply_holm
+
+    rng = np.random.default_rng(4)
+
+    def pair(n):
+        gold = rng.integers(0, 4, n)
+        base = np.stack([re_item_counts(gold, _preds(rng, gold, 0.55), LABELS) for _ in range(3)])
+        other = np.stack([re_item_counts(gold, _preds(rng, gold, 0.55), LABELS) for _ in range(3)])
+        return paired_bootstrap(base, other, n_boot=1000)
+
+    small, large = pair(400), pair(1600)
+    for r in (small, large):
+        assert r["mde"] == pytest.approx((1.95996 + 0.84162) * r["se"], rel=1e-4)
+        # the 95% interval spans about 2 x 1.96 standard errors
+        assert 2.5 * r["se"] < r["ci_high"] - r["ci_low"] < 5.5 * r["se"]
+    assert 0.35 < large["mde"] / small["mde"] < 0.7  # four times the items: about half
+    alone = small["mde"]
+    apply_holm([small, large])
+    assert small["family"] == 2 and small["mde"] > alone  # a stricter level needs a larger gain
