@@ -59,8 +59,14 @@ def sig_cells(sig: dict | None) -> list[str]:
     if not sig:
         return ["", "", "", "", "", ""]
     verdict = "yes *" if sig["significant"] else ("no" if sig.get("enough_seeds", True) else f"n/a ({sig['n_seeds']} seed)")
+    # one seed: training noise is unmeasured, so the spread (and the power) would be the items' alone;
     # no spread: both sources scored alike on every resample, so the power figure means nothing
-    mde = "" if "mde" not in sig else (f"±{sig['mde'] * 100:.2f}" if sig.get("se", 1.0) > 0 else "n/a (no spread)")
+    if "mde" not in sig:
+        mde = ""
+    elif not sig.get("enough_seeds", True):
+        mde = f"n/a ({sig['n_seeds']} seed)"
+    else:
+        mde = f"±{sig['mde'] * 100:.2f}" if sig.get("se", 1.0) > 0 else "n/a (no spread)"
     return [f"{sig['delta_f1'] * 100:+.2f}", f"[{sig['ci_low'] * 100:+.2f}, {sig['ci_high'] * 100:+.2f}]",
             f"{sig['p_value']:.3f}", f"{sig.get('p_holm', sig['p_value']):.3f}", verdict, mde]
 

@@ -154,3 +154,14 @@ def test_the_detectable_gain_follows_the_bootstraps_spread_and_shrinks_with_more
     alone = small["mde"]
     apply_holm([small, large])
     assert small["family"] == 2 and small["mde"] > alone  # a stricter level needs a larger gain
+
+
+def test_the_detectable_cell_says_na_when_training_noise_or_any_spread_is_missing():
+    from stages.report import sig_cells
+
+    base = {"delta_f1": 0.01, "ci_low": -0.02, "ci_high": 0.04, "p_value": 0.4, "p_holm": 0.8, "significant": False,
+            "enough_seeds": True, "n_seeds": 3, "se": 0.009, "mde": 0.03}
+    assert sig_cells(base)[-1] == "±3.00"
+    assert sig_cells({**base, "enough_seeds": False, "n_seeds": 1})[-1] == "n/a (1 seed)"
+    assert sig_cells({**base, "se": 0.0, "mde": 0.0})[-1] == "n/a (no spread)"
+    assert sig_cells(None) == [""] * 6
