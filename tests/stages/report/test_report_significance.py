@@ -165,3 +165,22 @@ def test_the_detectable_cell_says_na_when_training_noise_or_any_spread_is_missin
     assert sig_cells({**base, "enough_seeds": False, "n_seeds": 1})[-1] == "n/a (1 seed)"
     assert sig_cells({**base, "se": 0.0, "mde": 0.0})[-1] == "n/a (no spread)"
     assert sig_cells(None) == [""] * 6
+
+
+def test_the_latex_table_marks_significant_gains_and_states_the_detectable_range():
+    from stages.report import latex_table
+
+    def row(source, f1, sig=None):
+        ms = (f1, 0.005)
+        return {"source": source, "name": source, "caplen": 9.0, "captions": 0 if source == "none" else 5, "test_acc": ms,
+                "test_precision": ms, "test_recall": ms, "test_f1": ms, "significance": sig}
+
+    sig = {"delta_f1": 0.021, "significant": True, "enough_seeds": True, "se": 0.009, "mde": 0.0301}
+    weak = {"delta_f1": -0.004, "significant": False, "enough_seeds": True, "se": 0.01, "mde": 0.0342}
+    tex = latex_table([row("none", 0.63), row("a_b", 0.65, sig), row("c", 0.626, weak)],
+                      {"task": "mnre", "head": "cam", "seeds": [1, 2, 3]})
+    assert "\\begin{tabular}{lrrrrrr}" in tex and "a\\_b & 9.0 & 65.00$\\pm$0.50" in tex
+    assert "+2.10$^*$ \\\\" in tex and "-0.40 \\\\" in tex and "none & -- &" in tex
+    assert "With 80\\% power this test detects gains of $\\pm$3.01--3.42 F1 or more.}" in tex
+    one_seed = {**weak, "enough_seeds": False}  # one seed: no power statement
+    assert "80\\%" not in latex_table([row("none", 0.63), row("c", 0.626, one_seed)], {"task": "t", "head": "h", "seeds": [1]})
