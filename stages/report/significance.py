@@ -29,7 +29,8 @@ probability ``POWER`` (0.8), ``(z(1 - alpha / 2m) + z(power)) * se``, where ``se
 standard deviation of the resampled ΔF1 and ``m`` the family's size (Bonferroni's level,
 which Holm's first step uses; the later steps are less strict, so the figure errs high).  It
 is a normal approximation to the bootstrap distribution.  A true gain well below it will
-usually come out "no"; it shrinks roughly as one over the square root of the seeds.
+usually come out "no".  More seeds shrink it: on MNRE about as one over the square root of the
+seeds, since the item noise of two seeds' ΔF1 is nearly independent there (README).
 """
 
 from __future__ import annotations
