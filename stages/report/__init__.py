@@ -31,7 +31,7 @@ SIG_NOTE = ("ΔF1 vs none: mean over seeds of the F1 difference; 95% CI and p fr
             "is unmeasured and nothing is called significant. detectable: the smallest gain (either way) this test calls "
             "significant 4 times in 5 (80% power, at the Holm family's strictest level), from the spread of the resampled "
             "ΔF1; a true gain well below it usually comes out 'no', so 'no' is not evidence of no effect. More seeds "
-            "shrink it (on MNRE about as 1/sqrt(seeds): README, the detectable column).")
+            "usually shrink it, but only as far as their spread allows (README: the detectable column, 3 and 6 seeds).")
 
 
 def _ms(vals: list[float]) -> tuple[float, float]:
