@@ -182,12 +182,20 @@ class WeightAverage:
     start, as tf.train.ExponentialMovingAverage with ``num_updates``).  :meth:`swapped` puts the
     average into the model for validation and for keeping, then the trained weights back; buffers
     stay the model's.  The selected epoch is scored on weights averaged over its last few hundred
-    steps, not on one step's, which damps the step-to-step noise that epoch selection would read."""
+    steps, not on one step's, which damps the step-to-step noise that epoch selection would read.
+
+    The cap ``(1 + n) / (10 + n)`` stays below ``decay`` until update :attr:`binds_at` (1,790 at 0.995).
+    Before it the average weights update ``k`` of ``N`` about as ``(k / N)^8``: centred about a tenth of
+    the steps back.  A run shorter than that never reaches ``decay``, so any decay at or above the last
+    cap gives the same run (:meth:`note`)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise PipelineError(f"train.ema must be 0 (off) or a decay between 0 and 1, not {decay}")
         self.decay, self.n = decay, 0
+        # first update whose cap reaches the decay: (1 + n) / (10 + n) >= decay
+        self.binds_at = next(n for n in range(math.ceil((10 * decay - 1) / (1 - decay)) - 1, 1 << 62)
+                             if (1 + n) / (10 + n) >= decay)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
@@ -206,6 +214,16 @@ class WeightAverage:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, live)
+
+    def note(self, total: int) -> str | None:
+        """What a user who set ``decay`` should know when a run of ``total`` updates never reaches it."""
+        if total >= self.binds_at:
+            return None
+        cap = math.ceil((1 + total) / (10 + total) * 1e4) / 1e4  # rounded up: every decay from it on
+        return (f"ema {self.decay:g}: the warm-up cap (1 + n) / (10 + n) stays below it until update "
+                f"{self.binds_at:,}, later than this run's {total:,} updates; so the average is that warm-up "
+                f"throughout (centred about {total // 10:,} updates back at the end), and any ema from "
+                f"{cap:.4f} up gives this same run")
 
     def state_dict(self) -> dict:
         return {"n": self.n, "shadow": self.shadow}
@@ -374,6 +392,8 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
     ema = WeightAverage(model, decay) if (decay := float(conf["ema"])) else None
+    if ema is not None and (note := ema.note(steps_per_epoch * epochs)):
+        say(f"train [{run_id}]: {note}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint.pt"
     old_key = None
