@@ -53,9 +53,12 @@ DEFAULTS = {
     "threads": 0,
     "bucket": 50,
     "ema": 0.0,           # decay of an exponential moving average of the weights (0 = off): :class:`WeightAverage`
+    "ema_warmup": 10,     # w of its warm-up cap (1 + n) / (w + n): the lower, the longer the average's memory
     "log": "jsonl",       # training curves: jsonl (runs/<id>/curves.jsonl) and/or tensorboard
     "log_every": 20,      # steps between logged losses
 }
+# options added after runs were measured: at these values they stay out of the run key, so those runs keep theirs
+KEYLESS_DEFAULTS = {"ema_warmup": 10}
 # keys of [train] that are trainer settings, not head options
 TRAINER_KEYS = set(DEFAULTS) | {"streams"}
 
@@ -178,31 +181,33 @@ def load_data(settings: Settings, mllm: str, head_name: str, inputs: dict):
 
 class WeightAverage:
     """An exponential moving average of the trainable parameters, updated after each optimiser step
-    with decay ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (the average tracks closely at the
-    start, as tf.train.ExponentialMovingAverage with ``num_updates``).  :meth:`swapped` puts the
+    with decay ``min(decay, (1 + n) / (w + n))`` at update ``n``, ``w`` = ``warmup`` (10: the average tracks
+    closely at the start, as tf.train.ExponentialMovingAverage with ``num_updates``).  :meth:`swapped` puts the
     average into the model for validation and for keeping, then the trained weights back; buffers
     stay the model's.  The selected epoch is scored on weights averaged over its last few hundred
     steps, not on one step's, which damps the step-to-step noise that epoch selection would read.
 
-    The cap ``(1 + n) / (10 + n)`` stays below ``decay`` until update :attr:`binds_at` (1,790 at 0.995).
-    Before it the average weights update ``k`` of ``N`` about as ``(k / N)^8``: centred about a tenth of
-    the steps back.  A run shorter than that never reaches ``decay``, so any decay at or above the last
-    cap gives the same run (:meth:`note`)."""
+    The cap ``(1 + n) / (w + n)`` stays below ``decay`` until update :attr:`binds_at` (1,790 at 0.995, w 10).
+    Before it the average weights update ``k`` of ``N`` about as ``(k / N)^(w - 2)`` (polynomial-decay
+    averaging): centred about ``N / w`` steps back.  A run shorter than that never reaches ``decay``, so any
+    decay at or above the last cap gives the same run (:meth:`note`)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: float = 10):
         if not 0.0 < decay < 1.0:
             raise PipelineError(f"train.ema must be 0 (off) or a decay between 0 and 1, not {decay}")
-        self.decay, self.n = decay, 0
-        # first update whose cap reaches the decay: (1 + n) / (10 + n) >= decay
-        self.binds_at = next(n for n in range(math.ceil((10 * decay - 1) / (1 - decay)) - 1, 1 << 62)
-                             if (1 + n) / (10 + n) >= decay)
+        if not warmup >= 1.0:
+            raise PipelineError(f"train.ema_warmup must be at least 1 (the cap (1 + n) / (w + n) must stay at most 1), not {warmup}")
+        self.decay, self.w, self.n = decay, float(warmup), 0
+        # first update whose cap reaches the decay: (1 + n) / (w + n) >= decay
+        self.binds_at = next(n for n in range(max(0, math.ceil((self.w * decay - 1) / (1 - decay)) - 1), 1 << 62)
+                             if (1 + n) / (self.w + n) >= decay)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         self.n += 1
-        torch._foreach_lerp_(self.shadow, self.params, 1.0 - min(self.decay, (1 + self.n) / (10 + self.n)))
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - min(self.decay, (1 + self.n) / (self.w + self.n)))
 
     @contextmanager
     def swapped(self):
@@ -219,10 +224,10 @@ class WeightAverage:
         """What a user who set ``decay`` should know when a run of ``total`` updates never reaches it."""
         if total >= self.binds_at:
             return None
-        cap = math.ceil((1 + total) / (10 + total) * 1e4) / 1e4  # rounded up: every decay from it on
-        return (f"ema {self.decay:g}: the warm-up cap (1 + n) / (10 + n) stays below it until update "
+        cap = math.ceil((1 + total) / (self.w + total) * 1e4) / 1e4  # rounded up: every decay from it on
+        return (f"ema {self.decay:g}: the warm-up cap (1 + n) / ({self.w:g} + n) stays below it until update "
                 f"{self.binds_at:,}, later than this run's {total:,} updates; so the average is that warm-up "
-                f"throughout (centred about {total // 10:,} updates back at the end), and any ema from "
+                f"throughout (centred about {int(total // self.w):,} updates back at the end), and any ema from "
                 f"{cap:.4f} up gives this same run")
 
     def state_dict(self) -> dict:
@@ -337,7 +342,8 @@ def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> di
         "head": conf["head"],
         "mllm": mllm,
         "seed": seed,
-        "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads", "log", "log_every")},
+        "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads", "log", "log_every")
+                    and not (k in KEYLESS_DEFAULTS and v == KEYLESS_DEFAULTS[k])},
         "cache_keys": data.cache_keys,
         "models": getattr(data, "models", {}),
         "labels": data.labels,
@@ -391,7 +397,7 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
     opt = adamw(param_groups(model, float(conf["weight_decay"]), float(conf["lr"])), float(conf["lr"]), device)
     sched = linear_schedule(opt, steps_per_epoch * epochs, float(conf["warmup"]))
     gen = torch.Generator().manual_seed(seed)
-    ema = WeightAverage(model, decay) if (decay := float(conf["ema"])) else None
+    ema = WeightAverage(model, decay, float(conf["ema_warmup"])) if (decay := float(conf["ema"])) else None
     if ema is not None and (note := ema.note(steps_per_epoch * epochs)):
         say(f"train [{run_id}]: {note}")
     out_dir.mkdir(parents=True, exist_ok=True)
