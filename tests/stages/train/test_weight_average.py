@@ -85,3 +85,38 @@ def test_a_decay_the_warm_up_never_reaches_changes_nothing_and_says_so():
     note = runs[0.995].note(1532)
     assert "until update 1,790" in note and "1,532 updates" in note and "any ema from 0.9942 up" in note
     assert runs[0.995].note(1790) is None and runs[0.9].note(1532) is None
+
+
+def test_ema_warmup_sets_the_cap_and_the_memory():
+    """``ema_warmup`` w: the cap (1 + n) / (w + n); a lower w averages over more of the run."""
+    m = _model()
+    a, b = WeightAverage(m, 0.999, 4), WeightAverage(_model(), 0.999)
+    assert (a.binds_at, b.binds_at) == (2996, 8990)
+    assert "(4 + n)" in a.note(1532) and "383 updates back" in a.note(1532) and "any ema from 0.9981 up" in a.note(1532)
+    w = m[0].weight
+    for n in range(1, 40):
+        with torch.no_grad():
+            w.add_(1.0)  # the weights climb by 1 an update: a longer memory lags further behind
+        a.update()
+    expect = w.detach().clone() - 39.0
+    for n in range(1, 40):
+        d = min(0.999, (1 + n) / (4 + n))
+        expect = d * expect + (1 - d) * (w.detach() - 39.0 + n)
+    assert torch.allclose(a.shadow[0], expect, atol=1e-5)
+    lag = (w.detach() - a.shadow[0]).mean().item()
+    assert 39 / 4 - 1.5 < lag < 39 / 4 + 1.5  # centred about n / w updates back
+    with pytest.raises(PipelineError, match="ema_warmup"):
+        WeightAverage(_model(), 0.9, 0.5)
+
+
+def test_ema_warmup_at_its_default_stays_out_of_the_run_key():
+    """Runs measured before the option existed keep their keys; another value is another run."""
+    from types import SimpleNamespace
+
+    from stages.train.trainer import DEFAULTS, run_config
+
+    settings = SimpleNamespace(task="mnre")
+    data = SimpleNamespace(cache_keys={"text_features": "k"}, labels=["None"], dims={"text": 4})
+    conf = {**DEFAULTS, "ema": 0.995}
+    assert "ema_warmup" not in run_config(settings, data, "none", 1, conf)["options"]
+    assert run_config(settings, data, "none", 1, {**conf, "ema_warmup": 4})["options"]["ema_warmup"] == 4
