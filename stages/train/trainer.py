@@ -57,8 +57,8 @@ DEFAULTS = {
     "log": "jsonl",       # training curves: jsonl (runs/<id>/curves.jsonl) and/or tensorboard
     "log_every": 20,      # steps between logged losses
 }
-# options added after runs were measured: at these values they stay out of the run key, so those runs keep theirs
-KEYLESS_DEFAULTS = {"ema_warmup": 10}
+# options added after runs were measured: at their DEFAULTS value they stay out of the run key, so those runs keep theirs
+KEYLESS_DEFAULTS = ("ema_warmup",)
 # keys of [train] that are trainer settings, not head options
 TRAINER_KEYS = set(DEFAULTS) | {"streams"}
 
@@ -198,9 +198,11 @@ class WeightAverage:
         if not warmup >= 1.0:
             raise PipelineError(f"train.ema_warmup must be at least 1 (the cap (1 + n) / (w + n) must stay at most 1), not {warmup}")
         self.decay, self.w, self.n = decay, float(warmup), 0
-        # first update whose cap reaches the decay: (1 + n) / (w + n) >= decay
-        self.binds_at = next(n for n in range(max(0, math.ceil((self.w * decay - 1) / (1 - decay)) - 1), 1 << 62)
-                             if (1 + n) / (self.w + n) >= decay)
+        # first update whose cap reaches the decay: (1 + n) / (w + n) >= decay; the closed form, then float-safe
+        n = max(0, math.ceil((self.w * decay - 1) / (1 - decay)) - 1)
+        while (1 + n) / (self.w + n) < decay:
+            n += 1
+        self.binds_at = n
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
@@ -343,7 +345,7 @@ def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> di
         "mllm": mllm,
         "seed": seed,
         "options": {k: v for k, v in sorted(conf.items()) if k not in ("seeds", "eval_batch_size", "threads", "log", "log_every")
-                    and not (k in KEYLESS_DEFAULTS and v == KEYLESS_DEFAULTS[k])},
+                    and not (k in KEYLESS_DEFAULTS and v == DEFAULTS[k])},
         "cache_keys": data.cache_keys,
         "models": getattr(data, "models", {}),
         "labels": data.labels,
