@@ -130,7 +130,7 @@ def demo(settings: Settings) -> float:
     out = run_report(settings, sources, lambda m: train_inputs(g, m), seeds, {"epochs": epochs}, name="demo", quiet_runs=True,
                      smoke=smoke)
     n_sig = sum(bool((r.get("significance") or {}).get("significant")) for r in out["rows"])
-    why = " (one seed: training noise is unmeasured)" if len(seeds) < 2 else " (paired bootstrap over seeds and items, Holm-adjusted p<0.05)"
+    why = " (one seed: training noise is unmeasured)" if len(seeds) < 2 else " (t test over the seeds' spread and the test items, Holm-adjusted p<0.05)"
     print(f"demo: {n_sig} of {len(out['rows']) - 1} differences to 'none' are significant{why}.")
     print("demo: the real caption-model comparison (full MNRE, 3 seeds):\n"
           f"  MNRE_SOURCE=<MNRE folder> make report MLLM={','.join(FULL_REPORT_SOURCES)}")

@@ -130,7 +130,7 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     shot = out["paths"]["html"].with_suffix(".screenshot.png").read_bytes()
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
     assert len(rows["imported:qwen"]["runs"]) == 2
-    # the paired test against none, pooled over both seeds, fills the significance columns
+    # the test against none, over both seeds and the test items, fills the significance columns
     sig = rows["imported:qwen"]["significance"]
     assert sig["n_seeds"] == 2 and sig["n_items"] == sum(1 for r in env_records(env) if r["split"] == "test")
     assert sig["ci_low"] <= sig["delta_f1"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1
@@ -139,9 +139,9 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     # what a "no" can rule out: the gain this test would find 4 times in 5 (none when nothing varies)
     from stages.report.significance import detectable
 
-    assert sig["mde"] == pytest.approx(detectable(sig["se"])) and "| detectable |" in md
+    assert sig["mde"] == pytest.approx(detectable(sig["se"], df=sig["df"])) and "| detectable |" in md
     assert (f"±{sig['mde'] * 100:.2f}" if sig["se"] > 0 else "n/a (no spread)") in md
-    assert "95% CI" in md and "paired two-level bootstrap" in md
+    assert "95% CI" in md and "pooled over every row of the report" in md
     # what the comparison cost: 4 runs, all trained here, and their summed wall time
     meta = out["meta"]
     assert meta["runs"] == 4 and meta["runs_reused"] == 0
