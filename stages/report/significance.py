@@ -139,7 +139,7 @@ def compare_counts(base: np.ndarray, others: Sequence[np.ndarray], n_boot: int =
         out.append({"delta_f1": delta, "ci_low": delta - half, "ci_high": delta + half, "p_value": p,
                     "significant": bool(enough and p < alpha), "enough_seeds": bool(enough),
                     "n_items": int(n), "n_seeds": int(s_o), "n_boot": int(n_boot), "alpha": alpha,
-                    "se": se, "se_items": items ** 0.5, "se_seeds": seeds ** 0.5, "df": float(df),
+                    "se": se, "se_items": items ** 0.5, "se_seeds": seeds ** 0.5, "df": float(df) if np.isfinite(df) else None,
                     "seed_sd": s2 ** 0.5, "seed_df": int(dof), "power": POWER, "mde": detectable(se, alpha, df=df)})
     return out
 
@@ -172,7 +172,7 @@ def apply_holm(sigs: Sequence[dict]) -> None:
         s["p_holm"], s["family"] = adj, len(fam)
         s["significant"] = bool(s["enough_seeds"] and adj < s["alpha"])
         if "se" in s:
-            s["mde"] = detectable(s["se"], s["alpha"], len(fam), s.get("power", POWER), s.get("df", np.inf))
+            s["mde"] = detectable(s["se"], s["alpha"], len(fam), s.get("power", POWER), s.get("df") or np.inf)
 
 
 def simulated_report(rng: np.random.Generator, n: int = 1614, sources: int = 4, seeds: int = 3, shift: float = 0.0,

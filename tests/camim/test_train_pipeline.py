@@ -139,7 +139,7 @@ def test_report_writes_table_chart_and_configs(env, no_encoder):
     # what a "no" can rule out: the gain this test would find 4 times in 5 (none when nothing varies)
     from stages.report.significance import detectable
 
-    assert sig["mde"] == pytest.approx(detectable(sig["se"], df=sig["df"])) and "| detectable |" in md
+    assert sig["mde"] == pytest.approx(detectable(sig["se"], df=sig["df"] or float("inf"))) and "| detectable |" in md
     assert (f"±{sig['mde'] * 100:.2f}" if sig["se"] > 0 else "n/a (no spread)") in md
     assert "95% CI" in md and "pooled over every row of the report" in md
     # what the comparison cost: 4 runs, all trained here, and their summed wall time

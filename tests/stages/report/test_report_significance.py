@@ -1,6 +1,8 @@
 """The report's test against none: counts agree with the metrics, noise is not called a gain, a real gain is,
 and on simulated reports with no gain its standard error is the spread ΔF1 really has."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -74,6 +76,8 @@ def test_one_seed_is_never_called_significant_and_seed_noise_widens_the_interval
     one = against_none(base, better, n_boot=500)
     assert one["ci_low"] > 0 and one["p_value"] < 0.01  # the items alone would say "real"...
     assert not one["significant"] and not one["enough_seeds"]  # ...but training noise is unmeasured
+    assert one["df"] is None and one["se_seeds"] == 0.0  # items only (normal); the report's JSON stays strict JSON
+    json.dumps(one, allow_nan=False)
     # two seeds whose gains disagree: the seed level of the bootstrap sees it
     b2 = np.stack([re_item_counts(gold, _preds(rng, gold, a), LABELS) for a in (0.55, 0.75)])
     o2 = np.stack([re_item_counts(gold, _preds(rng, gold, a), LABELS) for a in (0.75, 0.55)])
