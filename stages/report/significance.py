@@ -201,7 +201,7 @@ def simulated_report(rng: np.random.Generator, n: int = 1614, sources: int = 4, 
             logit = hard + own + run_sd * rng.standard_normal() + noise * rng.standard_normal(n)
             right = rng.random(n) < 1 / (1 + np.exp(-logit))
             pred = np.where(right, gold, np.where(rng.random(n) < 0.9, usual, wrong()))
-            runs.append(np.stack([(gold == pred) & (gold != NEG), pred != NEG, gold != NEG], 1).astype(np.float64))
+            runs.append(re_item_counts(gold, pred, []))
         rows.append(np.stack(runs))
     return rows
 
@@ -229,11 +229,11 @@ def compare(base_runs: Sequence, runs_by_source: dict[str, Sequence], labels: Se
     """Every source of ``runs_by_source`` against ``base_runs`` (``none``), one family (``RunResult``-like:
     ``.dir``, ``.metrics``): each source on the seeds it shares with ``none``."""
     fn = counts_fn(head_name)
-    by_seed = {r.metrics["seed"]: r for r in base_runs}
+    seeds = {r.metrics["seed"] for r in base_runs}
     base, order = load_test_counts([r.dir for r in base_runs], labels, fn)
     names, counts = [], []
     for name, runs in runs_by_source.items():
-        runs = [r for r in runs if r.metrics["seed"] in by_seed]
+        runs = [r for r in runs if r.metrics["seed"] in seeds]
         if not runs:
             continue
         c, o = load_test_counts([r.dir for r in runs], labels, fn)
