@@ -18,17 +18,37 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def roofline(repeats: int) -> dict:
+def roofline_size(rate: float, seconds: float) -> int:
+    """The square size, from 2048 down by halves to 256, whose product takes at most ``seconds``
+    at ``rate`` FLOP/s."""
+    n = 2048
+    while n > 256 and 2 * n**3 / rate > seconds:
+        n //= 2
+    return n
+
+
+def roofline(repeats: int, seconds: float = 2.0) -> dict:
+    """GFLOP/s of a square ``torch.mm`` in fp32 and bf16, the best of ``repeats + 2``.  The size is
+    2048 unless one product would take over ``seconds`` at the rate of a 256 probe (a CPU without
+    native bf16 multiplies at 0.3-1.4 GFLOP/s: a 2048 product took a minute), then smaller; the probe
+    underestimates the rate, so a fast CPU keeps 2048."""
     import torch
 
     out = {}
-    n = 2048
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        p = torch.randn(256, 256).to(dt)
+        n = roofline_size(2 * 256**3 / _best(lambda: torch.mm(p, p), 1), seconds)
         a = torch.randn(n, n).to(dt)
         b = torch.randn(n, n).to(dt)
         s = _best(lambda: torch.mm(a, b), repeats + 2)
         out[name] = 2 * n**3 / s / 1e9
+        out[f"{name}_n"] = n
     return out
+
+
+def roofline_text(roof: dict) -> str:
+    """``fp32 <r> GFLOP/s (n=2048), bf16 <r> GFLOP/s (n=...)``: each rate with the size it was measured at."""
+    return ", ".join(f"{k} {roof[k]:.1f} GFLOP/s (torch.mm n={roof[k + '_n']})" for k in ("fp32", "bf16"))
 
 
 def cpu_name() -> str:

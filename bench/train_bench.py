@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench._common import cpu_name, roofline
+from bench._common import cpu_name, roofline, roofline_text
 
 
 def _timed_steps(fn, n: int) -> list[float]:
@@ -135,8 +135,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     print(f"train bench: {len(data.records)} records ({n_train} train) of {settings.source or 'the bundled sample'}, "
           f"caption source {mllm}; features gathered from the cache in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
     roof = roofline(3)
-    print(f"cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}; roofline measured now (torch.mm n=2048, "
-          f"{torch.get_num_threads()} threads): fp32 {roof['fp32']:.1f} GFLOP/s, bf16 {roof['bf16']:.1f} GFLOP/s")
+    print(f"cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}; roofline measured now "
+          f"({torch.get_num_threads()} threads): {roofline_text(roof)}")
 
     # 1. the real trainer, `epochs` epochs, into a throw-away runs folder
     from dataclasses import replace
@@ -226,10 +226,16 @@ def main(settings=None, argv: list[str] | None = None) -> int:
           f"{te * 1000:.1f} ms -> {what} = {th / te:.3f} of an end-to-end step ({te / th:.1f}x cheaper)")
     # 3. precision: the trainer's pick (``train.amp``) against the other one, on the same batch
     other = None if amp is not None else torch.bfloat16
-    t_other = statistics.median(_timed_steps(lambda: head_step(other), steps))
     name = {None: "fp32", torch.bfloat16: "bf16 autocast"}
-    print(f"precision: {what} in {name[amp]} (the trainer's pick) {th * 1000:.1f} ms, in {name[other]} "
-          f"{t_other * 1000:.1f} ms -> the pick is {t_other / th:.2f}x the speed of the other")
+    slow = roof["bf16"] < roof["fp32"] / 4  # no native bf16: one step would take minutes
+    if other is torch.bfloat16 and slow:
+        print(f"precision: {what} in fp32 (the trainer's pick) {th * 1000:.1f} ms; bf16 not timed: this CPU multiplies "
+              f"bf16 matrices at {roof['bf16']:.1f} GFLOP/s against {roof['fp32']:.1f} in fp32 (the roofline above), "
+              f"{roof['fp32'] / roof['bf16']:.0f}x slower")
+    else:
+        t_other = statistics.median(_timed_steps(lambda: head_step(other), steps))
+        print(f"precision: {what} in {name[amp]} (the trainer's pick) {th * 1000:.1f} ms, in {name[other]} "
+              f"{t_other * 1000:.1f} ms -> the pick is {t_other / th:.2f}x the speed of the other")
     # 4. threads: the same step on 1 thread and on every core (the profile's `threads` picks)
     before = torch.get_num_threads()
     per = {}

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "fixtures" / "photos"
 
 
-from bench._common import _best, cpu_name, roofline  # noqa: E402
+from bench._common import _best, cpu_name, roofline, roofline_text  # noqa: E402
 
 
 def photo_files() -> list[Path]:
@@ -187,14 +187,14 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     print(f"visual bench on {cpu_name()}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load:.2f} at start, batch {args.batch}")
     roof1 = roofline(repeats)
-    print(f"roofline (torch.mm n=2048): fp32 {roof1['fp32']:.0f} GFLOP/s, bf16 {roof1['bf16']:.0f} GFLOP/s")
+    print(f"roofline: {roofline_text(roof1)}")
     rows = resnet_variants(args.batch, repeats, not args.no_compile)
     rows += text_variants(args.batch, repeats, not args.no_compile)
     if not args.skip_stage:
         rows += stage_end_to_end(64 if args.quick else 128, workers=2)
     roof2 = roofline(repeats)
-    print(f"roofline again after the models: fp32 {roof2['fp32']:.0f}, bf16 {roof2['bf16']:.0f} GFLOP/s")
-    roof = {k: max(roof1[k], roof2[k]) for k in roof1}
+    print(f"roofline again after the models: {roofline_text(roof2)}")
+    roof = {k: max(roof1[k], roof2[k]) for k in ("fp32", "bf16")}
     print()
     print(f"{'what':<58} {'rate':>12} {'GFLOP/s':>9} {'of fp32 roof':>13} {'of bf16 roof':>13}")
     for r in rows:

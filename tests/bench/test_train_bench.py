@@ -53,3 +53,15 @@ def test_top_flops_of_memory_reading():
     assert mem["val"] == k * (sent(2, 6) + 4 * d * d * 6)
     assert mem["once"] == k * sum(lin * c + 4 * d * c * c for c in (4, 1, 6))
     assert mem["train"] < top_flops(data, dims, joint=True)["train"]
+
+
+def test_roofline_size_shrinks_only_for_a_slow_dtype():
+    """A CPU without native bf16 multiplied at about 1 GFLOP/s (a 2048 product took a minute): the bench
+    measures it on a smaller product; fp32's probe rate (about 40 GFLOP/s at 256) keeps 2048."""
+    from bench._common import roofline_size, roofline_text
+
+    assert roofline_size(39e9, 2.0) == 2048
+    assert roofline_size(1.4e9, 2.0) == 1024
+    assert roofline_size(0.01e9, 2.0) == 256
+    text = roofline_text({"fp32": 150.0, "fp32_n": 2048, "bf16": 1.0, "bf16_n": 1024})
+    assert "fp32 150.0 GFLOP/s (torch.mm n=2048)" in text and "bf16 1.0 GFLOP/s (torch.mm n=1024)" in text
