@@ -30,7 +30,7 @@ def roofline_size(rate: float, seconds: float) -> int:
 def roofline(repeats: int, seconds: float = 2.0) -> dict:
     """GFLOP/s of a square ``torch.mm`` in fp32 and bf16, the best of ``repeats + 2``.  The size is
     2048 unless one product would take over ``seconds`` at the rate of a 256 probe (a CPU without
-    native bf16 multiplies at 0.3-1.4 GFLOP/s: a 2048 product took a minute), then smaller; the probe
+    native bf16 multiplies at 0.3-1.4 GFLOP/s: a 2048 product takes about a minute), then smaller; the probe
     underestimates the rate, so a fast CPU keeps 2048."""
     import torch
 

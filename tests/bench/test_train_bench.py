@@ -56,7 +56,7 @@ def test_top_flops_of_memory_reading():
 
 
 def test_roofline_size_shrinks_only_for_a_slow_dtype():
-    """A CPU without native bf16 multiplied at about 1 GFLOP/s (a 2048 product took a minute): the bench
+    """A CPU without native bf16 multiplied at about 1 GFLOP/s (0.3 at 2048: about a minute a product): the bench
     measures it on a smaller product; fp32's probe rate (about 40 GFLOP/s at 256) keeps 2048."""
     from bench._common import roofline_size, roofline_text
 
