@@ -46,6 +46,18 @@ def roofline(repeats: int, seconds: float = 2.0) -> dict:
     return out
 
 
+def bf16_slow(roof: dict) -> bool:
+    """Whether bf16 multiplies under a quarter of fp32's rate in ``roof`` (a CPU without AMX or
+    AVX512-BF16): a bench then times no bf16 model, whose runs would take minutes, and says why."""
+    return roof["bf16"] < roof["fp32"] / 4
+
+
+def bf16_skip_text(roof: dict) -> str:
+    """Why a bench skips its bf16 timings on such a CPU, with both rates."""
+    return (f"this CPU multiplies bf16 matrices at {roof['bf16']:.1f} GFLOP/s against {roof['fp32']:.1f} in fp32 "
+            f"(the roofline above), {roof['fp32'] / roof['bf16']:.0f}x slower")
+
+
 def roofline_text(roof: dict) -> str:
     """``fp32 <r> GFLOP/s (n=2048), bf16 <r> GFLOP/s (n=...)``: each rate with the size it was measured at."""
     return ", ".join(f"{k} {roof[k]:.1f} GFLOP/s (torch.mm n={roof[k + '_n']})" for k in ("fp32", "bf16"))

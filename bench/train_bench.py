@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench._common import cpu_name, roofline, roofline_text
+from bench._common import bf16_skip_text, bf16_slow, cpu_name, roofline, roofline_text
 
 
 def _timed_steps(fn, n: int) -> list[float]:
@@ -227,11 +227,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     # 3. precision: the trainer's pick (``train.amp``) against the other one, on the same batch
     other = None if amp is not None else torch.bfloat16
     name = {None: "fp32", torch.bfloat16: "bf16 autocast"}
-    slow = roof["bf16"] < roof["fp32"] / 4  # no native bf16: one step would take minutes
-    if other is torch.bfloat16 and slow:
-        print(f"precision: {what} in fp32 (the trainer's pick) {th * 1000:.1f} ms; bf16 not timed: this CPU multiplies "
-              f"bf16 matrices at {roof['bf16']:.1f} GFLOP/s against {roof['fp32']:.1f} in fp32 (the roofline above), "
-              f"{roof['fp32'] / roof['bf16']:.0f}x slower")
+    if other is torch.bfloat16 and bf16_slow(roof):  # no native bf16: one step would take minutes
+        print(f"precision: {what} in fp32 (the trainer's pick) {th * 1000:.1f} ms; bf16 not timed: {bf16_skip_text(roof)}")
     else:
         t_other = statistics.median(_timed_steps(lambda: head_step(other), steps))
         print(f"precision: {what} in {name[amp]} (the trainer's pick) {th * 1000:.1f} ms, in {name[other]} "
