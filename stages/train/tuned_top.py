@@ -72,7 +72,7 @@ def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     """A Bernoulli(1 - p') keep mask of ``shape`` and its scale 1 / (1 - p'), where p' is ``p``
     rounded to a multiple of 2^-16 (0.1 -> 0.1000061).  The bits are 16-bit slices of 64-bit draws of
     the torch generator: four elements per draw, where ``Tensor.bernoulli_`` on a CPU pays about
-    four times as much per element (README "The tuned top's own dropout masks": it was a sixth of a step).
+    four times as much per element (RESULTS.md "The tuned top's own dropout masks": it was a sixth of a step).
     The generator is torch's own, so ``seed_all`` and the checkpoint's RNG state still fix it."""
     n = math.prod(shape)
     cut = round(p * (1 << _MASK_BITS))
