@@ -154,6 +154,20 @@ def per_label_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None
     return head, out
 
 
+def plan_line(rows: list[dict]) -> str:
+    """How many seeds would detect a gain of ``[report] plan_gain`` F1 (``seeds_for_gain`` of each
+    source's comparison), or "" where the seeds' spread is unmeasured."""
+    sigs = [(r["name"], r["significance"]) for r in rows if (r.get("significance") or {}).get("plan_gain")]
+    if not sigs:
+        return ""
+    first = sigs[0][1]
+    each = ", ".join(f"{name} {'never' if s['seeds_for_gain'] is None else s['seeds_for_gain']}" for name, s in sigs)
+    return (f"Seeds to detect a ±{first['plan_gain'] * 100:.2f} F1 gain 4 times in 5 (at the Holm family's level), per source "
+            f"and as many for none: {each}. From this report's pooled seed spread ({first['seed_sd'] * 100:.2f} F1 a run) and "
+            f"each source's shared item noise, if further seeds spread alike; 'never': that item noise alone keeps the "
+            f"detectable gain above it, and only more test items would help ([report] plan_gain).")
+
+
 def training_line(meta: dict) -> str:
     """What the report's runs cost: every run's own wall time, reused ones included, against the
     time this report took (a report that reuses finished runs takes seconds)."""
@@ -180,7 +194,10 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
           SIG_NOTE, ""]
     if meta.get("smoke"):
         md += [f"**{meta['smoke']}**", ""]
-    md += [md_table(head, body), "", f"![test F1 per caption source]({png.name})", ""]
+    md += [md_table(head, body), ""]
+    if plan_line(rows):
+        md += [plan_line(rows), ""]
+    md += [f"![test F1 per caption source]({png.name})", ""]
     if pl:
         md += ["## Per-relation test F1 (best source and `none`)", "", md_table(*pl), ""]
     md += ["## Configuration", "", "Trainer and head options:", "", "```json", json.dumps(meta["options"], indent=2, sort_keys=True),
@@ -196,7 +213,8 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
              f"<p>{html.escape(SIG_NOTE)}</p>"]
     if meta.get("smoke"):
         parts += [f"<p><strong>{html.escape(meta['smoke'])}</strong></p>"]
-    parts += [html_table(head, body), f"<p>{html_text(training_line(meta))}</p>",
+    parts += [html_table(head, body)] + ([f"<p>{html.escape(plan_line(rows))}</p>"] if plan_line(rows) else [])
+    parts += [f"<p>{html_text(training_line(meta))}</p>",
              f"<p><img src='{html.escape(png.name)}' alt='test F1 per caption source'></p>"]
     if pl:
         parts += ["<h2>Per-relation test F1 (best source and none)</h2>", html_table(*pl)]
@@ -207,9 +225,11 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
     return paths
 
 
-def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: list[str], head: str) -> None:
+def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: list[str], head: str,
+                     plan_gain: float | None = None) -> None:
     """Fill ``row["significance"]`` of every source against ``none`` (when both were run); the
-    report's comparisons are one family, adjusted by Holm's method."""
+    report's comparisons are one family, adjusted by Holm's method.  ``plan_gain`` (F1 points):
+    also the seeds that would detect a gain that size (:func:`plan_line`)."""
     from .significance import apply_holm, compare
 
     base = runs_by_source.get("none")
@@ -218,7 +238,7 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
         for r in rows:
             if r["source"] in sigs:
                 r["significance"] = sigs[r["source"]]
-    apply_holm([r.get("significance") for r in rows])
+    apply_holm([r.get("significance") for r in rows], plan_gain / 100 if plan_gain else None)
 
 
 def progress_line(done: int, total: int, trained: list[float], elapsed: float) -> str:
@@ -271,7 +291,8 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
         from .heads import write_head_report
 
         return write_head_report(settings, rows, heads, sources, seeds, name or f"heads-{settings.task}", t0)
-    add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0])
+    add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0],
+                     float(rconf.get("plan_gain", 1.0)))
     name = name or rconf.get("name", "captions")
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},
@@ -283,6 +304,8 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if smoke:
         print(smoke)
     print(text_table(head, body))
+    if plan_line(rows):
+        print("report: " + plan_line(rows))
     print("report: " + training_line(meta))
     print(f"report: {len(sources)} source(s) x {len(seeds)} seed(s) in {meta['wall_s']:.1f}s -> {paths['md']}, {paths['html']}, "
           f"{paths['png']}, {paths['tex']}")

@@ -46,7 +46,8 @@ probability ``POWER`` (0.8), ``(t(1 - alpha / 2m) + t(power)) * se`` at the test
 freedom, ``m`` the family's size (Bonferroni's level, which Holm's first step uses; the later
 steps are less strict, so the figure errs high).  A true gain well below it will usually come
 out "no".  More seeds shrink it about as one over the square root of the seeds, as far as the
-seeds' spread stays what it was and the items' shared part allows.
+seeds' spread stays what it was and the items' shared part allows: :func:`seeds_needed` gives the
+fewest seeds at which it would reach a planned gain (the report's ``[report] plan_gain``).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def compare_counts(base: np.ndarray, others: Sequence[np.ndarray], n_boot: int =
                     "significant": bool(enough and p < alpha), "enough_seeds": bool(enough),
                     "n_items": int(n), "n_seeds": int(s_o), "n_boot": int(n_boot), "alpha": alpha,
                     "se": se, "se_items": items ** 0.5, "se_seeds": seeds ** 0.5, "df": float(df) if np.isfinite(df) else None,
-                    "seed_sd": s2 ** 0.5, "seed_df": int(dof), "power": POWER, "mde": detectable(se, alpha, df=df)})
+                    "seed_sd": s2 ** 0.5, "seed_df": int(dof), "rows": len(groups), "power": POWER,
+                    "mde": detectable(se, alpha, df=df)})
     return out
 
 
@@ -149,6 +151,26 @@ def detectable(se: float, alpha: float = 0.05, family: int = 1, power: float = P
     standard error ``se`` rejects with probability ``power`` at the level ``alpha / family`` (module doc)."""
     q = stats.t.ppf
     return float((q(1 - alpha / (2 * max(family, 1)), df) + q(power, df)) * se)
+
+
+def seeds_needed(seed_sd: float, items_var: float, target: float, alpha: float = 0.05, family: int = 1,
+                 power: float = POWER, rows: int = 2, max_seeds: int = 10_000) -> int | None:
+    """The fewest seeds per source (``none`` as many) at which :func:`detectable` falls to ``target``,
+    if the seeds' spread ``seed_sd`` and the items' shared variance ``items_var`` stay what they are and
+    ``rows`` rows pool the spread; None when no count up to ``max_seeds`` does (the items' shared part
+    alone can keep it above ``target``: only more test items help then)."""
+    def mde(n: int) -> float:
+        seeds = seed_sd ** 2 * 2 / n
+        df = (items_var + seeds) ** 2 / (seeds ** 2 / (rows * (n - 1))) if seeds > 0 else np.inf
+        return detectable((items_var + seeds) ** 0.5, alpha, family, power, df)
+
+    if mde(max_seeds) > target:
+        return None
+    lo, hi = 2, max_seeds  # mde falls as n grows (a smaller error, more degrees of freedom)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mde(mid) <= target else (mid + 1, hi)
+    return lo
 
 
 def holm(pvals: Sequence[float]) -> list[float]:
@@ -163,16 +185,22 @@ def holm(pvals: Sequence[float]) -> list[float]:
     return out
 
 
-def apply_holm(sigs: Sequence[dict]) -> None:
+def apply_holm(sigs: Sequence[dict], plan_gain: float | None = None) -> None:
     """Adjust a report's family of comparisons in place: ``p_holm`` (Holm over every non-empty
     result), ``family`` (how many), ``significant`` decided on ``p_holm``, and the detectable
-    gain ``mde`` at the family's level."""
+    gain ``mde`` at the family's level.  With ``plan_gain`` (a fraction of F1, e.g. 0.01) and the
+    seeds' spread measured: ``seeds_for_gain``, the seeds per source at which ``mde`` would reach it
+    (:func:`seeds_needed`; None: no count would)."""
     fam = [s for s in sigs if s]
     for s, adj in zip(fam, holm([s["p_value"] for s in fam])):
         s["p_holm"], s["family"] = adj, len(fam)
         s["significant"] = bool(s["enough_seeds"] and adj < s["alpha"])
         if "se" in s:
             s["mde"] = detectable(s["se"], s["alpha"], len(fam), s.get("power", POWER), s.get("df") or np.inf)
+        if plan_gain and s.get("enough_seeds") and s.get("seed_sd", 0) > 0 and "rows" in s:
+            s["plan_gain"] = plan_gain
+            s["seeds_for_gain"] = seeds_needed(s["seed_sd"], s["se_items"] ** 2, plan_gain, s["alpha"], len(fam),
+                                               s.get("power", POWER), s["rows"])
 
 
 def simulated_report(rng: np.random.Generator, n: int = 1614, sources: int = 4, seeds: int = 3, shift: float = 0.0,

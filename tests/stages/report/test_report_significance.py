@@ -241,3 +241,41 @@ def _gold_and_chance(row):
     """The gold labels behind one row's counts (positive items: the gold count) and predictions at chance."""
     gold = np.where(row[0][:, 2] > 0, 1, 0)
     return gold, np.random.default_rng(0).integers(0, 4, len(gold))
+
+
+def test_seeds_needed_is_the_fewest_seeds_whose_detectable_gain_reaches_the_target():
+    from stages.report.significance import seeds_needed
+
+    def mde(n, sd, items, family=4, rows=5):  # written out: the detectable gain with n seeds a row
+        seeds = sd ** 2 * 2 / n
+        df = (items + seeds) ** 2 / (seeds ** 2 / (rows * (n - 1)))
+        return (stats.t.ppf(1 - 0.05 / (2 * family), df) + stats.t.ppf(0.8, df)) * (items + seeds) ** 0.5
+
+    # the shipped 6-seed report: a run's F1 spreads by about 1.01 F1 from seed to seed, the items' shared part 0
+    n = seeds_needed(0.0101, 0.0, 0.01, family=4, rows=5)
+    assert 22 <= n <= 26 and mde(n, 0.0101, 0.0) <= 0.01 < mde(n - 1, 0.0101, 0.0)
+    # a shared item part costs seeds, and one whose detectable gain alone exceeds the target can never be beaten
+    with_items = seeds_needed(0.0101, 0.002 ** 2, 0.01, family=4, rows=5)
+    assert with_items > n and mde(with_items, 0.0101, 0.002 ** 2) <= 0.01
+    assert seeds_needed(0.0101, 0.004 ** 2, 0.01, family=4, rows=5) is None  # 3.34 x 0.4 F1 > 1 F1
+    assert seeds_needed(0.0101, 0.0, 0.05, family=4, rows=5) == 2  # a large gain: the fewest a spread needs
+
+
+def test_the_report_says_how_many_seeds_would_detect_the_planned_gain():
+    from stages.report import plan_line
+    from stages.report.significance import apply_holm, compare_counts, seeds_needed
+
+    rows = simulated_report(np.random.default_rng(5), 800, seeds=3, sources=2)
+    sigs = compare_counts(rows[0], rows[1:], n_boot=300)
+    apply_holm(sigs, plan_gain=0.02)  # 800 items: the shared item noise alone is about 0.4-0.5 F1 here
+    for s in sigs:
+        assert s["rows"] == 3 and s["plan_gain"] == 0.02
+        assert s["seeds_for_gain"] == seeds_needed(s["seed_sd"], s["se_items"] ** 2, 0.02, family=2, rows=3)
+        assert s["seeds_for_gain"] > 3  # the detectable gain with these 3 seeds is above 2 F1
+    never = {**sigs[1], "seeds_for_gain": None}
+    line = plan_line([{"name": "none"}, {"name": "A", "significance": sigs[0]}, {"name": "B", "significance": never}])
+    assert f"A {sigs[0]['seeds_for_gain']}," in line and "B never" in line and "±2.00 F1" in line
+    # one seed: training noise unmeasured, so no plan
+    one = compare_counts(rows[0][:1], [r[:1] for r in rows[1:]], n_boot=300)
+    apply_holm(one, plan_gain=0.01)
+    assert "seeds_for_gain" not in one[0] and plan_line([{"name": "A", "significance": one[0]}]) == ""
