@@ -162,10 +162,12 @@ def plan_line(rows: list[dict]) -> str:
         return ""
     first = sigs[0][1]
     each = ", ".join(f"{name} {'never' if s['seeds_for_gain'] is None else s['seeds_for_gain']}" for name, s in sigs)
+    never = any(s["seeds_for_gain"] is None for _, s in sigs)
     return (f"Seeds to detect a ±{first['plan_gain'] * 100:.2f} F1 gain 4 times in 5 (at the Holm family's level), per source "
             f"and as many for none: {each}. From this report's pooled seed spread ({first['seed_sd'] * 100:.2f} F1 a run) and "
-            f"each source's shared item noise, if further seeds spread alike; 'never': that item noise alone keeps the "
-            f"detectable gain above it, and only more test items would help ([report] plan_gain).")
+            f"each source's shared item noise, if further seeds spread alike"
+            + ("; 'never': that item noise alone keeps the detectable gain above it, and only more test items would help"
+               if never else "") + " ([report] plan_gain).")
 
 
 def training_line(meta: dict) -> str:

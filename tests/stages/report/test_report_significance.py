@@ -275,6 +275,8 @@ def test_the_report_says_how_many_seeds_would_detect_the_planned_gain():
     never = {**sigs[1], "seeds_for_gain": None}
     line = plan_line([{"name": "none"}, {"name": "A", "significance": sigs[0]}, {"name": "B", "significance": never}])
     assert f"A {sigs[0]['seeds_for_gain']}," in line and "B never" in line and "±2.00 F1" in line
+    assert "only more test items" in line  # why "never"; said only when a source reads it
+    assert "never" not in plan_line([{"name": "A", "significance": sigs[0]}])
     # one seed: training noise unmeasured, so no plan
     one = compare_counts(rows[0][:1], [r[:1] for r in rows[1:]], n_boot=300)
     apply_holm(one, plan_gain=0.01)
