@@ -217,7 +217,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     for r in rows:
         r["frac_fp32"] = r["gflop"] / roof["fp32"]
         r["frac_bf16"] = r["gflop"] / roof["bf16"]
-        print(f"{r['what']:<58} {r['rate']:>8.1f} {r['unit']:<5}{r['gflop']:>8.0f} {r['frac_fp32']:>12.0%} {r['frac_bf16']:>13.0%}")
+        of_bf16 = f"{r['frac_bf16']:>13.0%}" if bf16 else f"{'-':>13}"  # no fraction of a roofline 100x below the models
+        print(f"{r['what']:<58} {r['rate']:>8.1f} {r['unit']:<5}{r['gflop']:>8.0f} {r['frac_fp32']:>12.0%} {of_bf16}")
     base = next(r for r in rows if r["what"].startswith("ResNet50 fp32 NCHW"))
     best_r = next(r for r in rows if "(default)" in r["what"])
     comp_r = next((r for r in rows if "(opt-in)" in r["what"]), None)
