@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
 from .tables import DISPLAY, html_table, html_text, md_table, pct, text_table
@@ -243,6 +244,14 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
     apply_holm([r.get("significance") for r in rows], plan_gain / 100 if plan_gain else None)
 
 
+def plan_gain_of(rconf: dict) -> float:
+    """``[report] plan_gain`` in F1 points (0: no seeds line); anything but a number from 0 to 100 is an error."""
+    v = rconf.get("plan_gain", 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+        raise PipelineError(f"profile [report] plan_gain must be a number of F1 points from 0 (off) to 100, not {v!r}")
+    return float(v)
+
+
 def progress_line(done: int, total: int, trained: list[float], elapsed: float) -> str:
     """Where a report stands: runs done, and the time left if every remaining run is trained
     at the mean wall time of the runs trained so far (reused runs cost nothing)."""
@@ -263,6 +272,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
 
     t0 = time.perf_counter()
     rconf = settings.section("report")
+    plan_gain = plan_gain_of(rconf)  # checked before any run trains
     conf = train_options(settings, overrides)
     seeds = seeds or list(rconf.get("seeds") or conf["seeds"])
     heads = heads or [conf["head"]]
@@ -294,7 +304,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
 
         return write_head_report(settings, rows, heads, sources, seeds, name or f"heads-{settings.task}", t0)
     add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0],
-                     float(rconf.get("plan_gain", 1.0)))
+                     plan_gain)
     name = name or rconf.get("name", "captions")
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},

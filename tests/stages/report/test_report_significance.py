@@ -281,3 +281,13 @@ def test_the_report_says_how_many_seeds_would_detect_the_planned_gain():
     one = compare_counts(rows[0][:1], [r[:1] for r in rows[1:]], n_boot=300)
     apply_holm(one, plan_gain=0.01)
     assert "seeds_for_gain" not in one[0] and plan_line([{"name": "A", "significance": one[0]}]) == ""
+
+
+def test_plan_gain_is_checked_and_zero_turns_the_seeds_line_off():
+    from pipeline.errors import PipelineError
+    from stages.report import plan_gain_of
+
+    assert plan_gain_of({}) == 1.0 and plan_gain_of({"plan_gain": 2}) == 2.0 and plan_gain_of({"plan_gain": 0}) == 0.0
+    for bad in ("1", -1, 200, True):
+        with pytest.raises(PipelineError, match=r"\[report\] plan_gain"):
+            plan_gain_of({"plan_gain": bad})
