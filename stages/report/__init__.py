@@ -197,9 +197,10 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
           SIG_NOTE, ""]
     if meta.get("smoke"):
         md += [f"**{meta['smoke']}**", ""]
+    plan = plan_line(rows)
     md += [md_table(head, body), ""]
-    if plan_line(rows):
-        md += [plan_line(rows), ""]
+    if plan:
+        md += [plan, ""]
     md += [f"![test F1 per caption source]({png.name})", ""]
     if pl:
         md += ["## Per-relation test F1 (best source and `none`)", "", md_table(*pl), ""]
@@ -216,7 +217,7 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
              f"<p>{html.escape(SIG_NOTE)}</p>"]
     if meta.get("smoke"):
         parts += [f"<p><strong>{html.escape(meta['smoke'])}</strong></p>"]
-    parts += [html_table(head, body)] + ([f"<p>{html.escape(plan_line(rows))}</p>"] if plan_line(rows) else [])
+    parts += [html_table(head, body)] + ([f"<p>{html.escape(plan)}</p>"] if plan else [])
     parts += [f"<p>{html_text(training_line(meta))}</p>",
              f"<p><img src='{html.escape(png.name)}' alt='test F1 per caption source'></p>"]
     if pl:
@@ -316,8 +317,8 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if smoke:
         print(smoke)
     print(text_table(head, body))
-    if plan_line(rows):
-        print("report: " + plan_line(rows))
+    if plan := plan_line(rows):
+        print("report: " + plan)
     print("report: " + training_line(meta))
     print(f"report: {len(sources)} source(s) x {len(seeds)} seed(s) in {meta['wall_s']:.1f}s -> {paths['md']}, {paths['html']}, "
           f"{paths['png']}, {paths['tex']}")
