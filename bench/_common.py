@@ -72,3 +72,72 @@ def cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     kind = "AMX-BF16" if "amx_bf16" in info else ("AVX512-BF16" if "avx512_bf16" in info else "no native bf16")
     return f"{name} ({kind}, {os.cpu_count()} cores)"
+
+
+def _machine_busy_s() -> float | None:
+    """CPU-seconds every process on the machine has spent busy since boot (all cores; /proc/stat's
+    ``cpu`` line less idle and iowait), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / ticks  # user nice system idle iowait irq softirq steal
+
+
+def _own_cpu_s() -> float:
+    """CPU-seconds this process (every thread) and its finished children have spent."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OthersLoad:
+    """How many cores *other* processes kept busy, measured from /proc/stat and this process's own
+    CPU time: the load average lags by minutes (a job that ended a minute ago still shows), and it
+    counts the bench itself.  ``quiet()`` samples the machine before the bench starts, waiting up to
+    ``BENCH_QUIET_S`` (default 30) seconds for the others to fall under a tenth of a core; ``since()``
+    gives the others' mean over the bench so far.  Read the shares, not the load average."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = _machine_busy_s()
+        self.own0 = _own_cpu_s()
+
+    def since(self) -> float | None:
+        """Mean cores other processes used since the last reset (None without /proc/stat)."""
+        busy = _machine_busy_s()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        return max(0.0, (busy - self.busy0) - (_own_cpu_s() - self.own0)) / wall
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def quiet(self, max_wait: float | None = None, below: float = 0.1, window: float = 1.0) -> str:
+        """Sample ``window`` seconds at a time until the others use under ``below`` cores or
+        ``max_wait`` seconds have gone; then start measuring the bench from now.  A line to print."""
+        max_wait = float(os.environ.get("BENCH_QUIET_S", "30")) if max_wait is None else max_wait
+        start, used = time.perf_counter(), None
+        while True:
+            self.reset()
+            time.sleep(window)
+            used = self.since()
+            waited = time.perf_counter() - start
+            if used is None or used < below or waited >= max_wait:
+                break
+        self.reset()
+        if used is None:
+            return "others' load: unknown (no /proc/stat)"
+        how = "quiet" if used < below else f"not quiet after waiting {waited:.0f} s (BENCH_QUIET_S)"
+        return (f"others' load before the bench: {used:.2f} of {os.cpu_count()} cores over the last {window:.0f} s "
+                f"({how}; load average {os.getloadavg()[0]:.2f}, which lags by minutes)")
+
+    def summary(self) -> str:
+        used = self.since()
+        if used is None:
+            return "others' load during the bench: unknown (no /proc/stat)"
+        return (f"others' load during the bench: {used:.2f} of {os.cpu_count()} cores on average over "
+                f"{time.perf_counter() - self.t0:.0f} s" + (" (something else ran: the times are slowed)" if used >= 0.25 else ""))

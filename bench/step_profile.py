@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench._common import cpu_name, roofline
+from bench._common import OthersLoad, cpu_name, roofline
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
 CASTS = ("aten::copy_", "aten::_to_copy")
@@ -53,6 +53,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     def step(rows):
         train_step(head, opt, {k: v.to(device) for k, v in data.batch(rows).items()}, amp, device)
 
+    others = OthersLoad()
+    print(others.quiet())
     roof = roofline(3)
     for r in warm:
         step(r)
@@ -71,7 +73,8 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     mm = sum(e.self_cpu_time_total for e in ev if e.key in MATMUL)
     casts = sum(e.self_cpu_time_total for e in ev if e.key in CASTS)
     print(f"step profile: head {conf['head']}, {mllm}, {data.dims.get('top_layers', 0)} tuned layers, {amp or 'fp32'}, "
-          f"{torch.get_num_threads()} threads; cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}")
+          f"{torch.get_num_threads()} threads; cpu: {cpu_name()}")
+    print(others.summary())
     print(f"step (no profiler), median of {len(times)} real batches: {statistics.median(times) * 1000:.1f} ms")
     print(f"under the profiler ({len(prof)} steps): matmuls {mm / total:.0%} ({mm / len(prof) / 1000:.0f} ms a step), "
           f"dtype casts {casts / total:.0%}, the rest {(total - mm - casts) / total:.0%}")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench._common import bf16_skip_text, bf16_slow, cpu_name, roofline, roofline_text
+from bench._common import OthersLoad, bf16_skip_text, bf16_slow, cpu_name, roofline, roofline_text
 
 
 def _timed_steps(fn, n: int) -> list[float]:
@@ -134,8 +134,10 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     n_train = len(data.splits["train"])
     print(f"train bench: {len(data.records)} records ({n_train} train) of {settings.source or 'the bundled sample'}, "
           f"caption source {mllm}; features gathered from the cache in {load_s:.1f}s; torch threads {torch.get_num_threads()}")
+    others = OthersLoad()
+    print(others.quiet())
     roof = roofline(3)
-    print(f"cpu: {cpu_name()}; load average {os.getloadavg()[0]:.2f}; roofline measured now "
+    print(f"cpu: {cpu_name()}; roofline measured now "
           f"({torch.get_num_threads()} threads): {roofline_text(roof)}")
 
     # 1. the real trainer, `epochs` epochs, into a throw-away runs folder
@@ -242,5 +244,5 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     torch.set_num_threads(before)
     print("threads: " + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in per.items())
           + (f" -> {per[1] / per[max(per)]:.2f}x faster on {max(per)}" if len(per) > 1 else ""))
-    print(f"load average at the end {os.getloadavg()[0]:.2f}; on a shared CPU read the ratios, not the absolute times")
+    print(f"{others.summary()}; on a shared CPU read the ratios, not the absolute times")
     return 0

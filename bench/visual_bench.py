@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "fixtures" / "photos"
 
 
-from bench._common import _best, bf16_skip_text, bf16_slow, cpu_name, roofline, roofline_text  # noqa: E402
+from bench._common import OthersLoad, _best, bf16_skip_text, bf16_slow, cpu_name, roofline, roofline_text  # noqa: E402
 
 
 def photo_files() -> list[Path]:
@@ -194,12 +194,9 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 4
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    print(f"visual bench on {cpu_name()}: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load:.2f} at start, batch {args.batch}")
+    others = OthersLoad()
+    print(f"visual bench on {cpu_name()}: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print(others.quiet(0 if args.quick else None))
     roof1 = roofline(repeats)
     print(f"roofline: {roofline_text(roof1)}")
     bf16 = not bf16_slow(roof1)
@@ -242,13 +239,10 @@ def main(settings=None, argv: list[str] | None = None) -> int:
     for c in cos:
         print(f"bf16 vs fp32 pooled features on the 6 photos, {c['backbone']} ({c['weights']}): "
               f"min cosine {c['min_cos']:.5f}, mean {c['mean_cos']:.5f} ({'ok' if c['min_cos'] >= 0.999 else 'below 0.999: auto uses fp32'})")
-    try:
-        load_end = os.getloadavg()[0]
-    except OSError:
-        load_end = float("nan")
-    print(f"load average {load_end:.2f} at the end; on a shared machine absolute rates are noisy, the fractions less so")
+    load_end = others.since()
+    print(f"{others.summary()}; on a shared machine absolute rates are noisy, the fractions less so")
     if args.json:
-        Path(args.json).write_text(json.dumps({"roofline": roof, "rows": rows, "cosine": cos, "load": [load, load_end]}, indent=2))
+        Path(args.json).write_text(json.dumps({"roofline": roof, "rows": rows, "cosine": cos, "others_load": load_end}, indent=2))
     return 0
 
 

@@ -65,3 +65,44 @@ def test_roofline_size_shrinks_only_for_a_slow_dtype():
     assert roofline_size(0.01e9, 2.0) == 256
     text = roofline_text({"fp32": 150.0, "fp32_n": 2048, "bf16": 1.0, "bf16_n": 1024})
     assert "fp32 150.0 GFLOP/s (torch.mm n=2048)" in text and "bf16 1.0 GFLOP/s (torch.mm n=1024)" in text
+
+
+def test_others_load_subtracts_the_bench_own_cpu_time(monkeypatch):
+    """The benches print how many cores *other* processes used: the machine's busy CPU-seconds less
+    the bench's own, over the wall time; the load average lags by minutes and counts the bench."""
+    import bench._common as common
+
+    clock = {"t": 100.0, "busy": 1000.0, "own": 5.0}
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(common, "_machine_busy_s", lambda: clock["busy"])
+    monkeypatch.setattr(common, "_own_cpu_s", lambda: clock["own"])
+    load = common.OthersLoad()
+    clock.update(t=110.0, busy=1000.0 + 18.0, own=5.0 + 14.0)  # 10 s: 18 core-s busy, 14 of them the bench's
+    assert abs(load.since() - 0.4) < 1e-9
+    assert "0.40 of" in load.summary() and "something else ran" in load.summary()
+    clock.update(busy=1000.0 + 14.5)
+    assert abs(load.since() - 0.05) < 1e-9 and "something else ran" not in load.summary()
+    monkeypatch.setattr(common, "_machine_busy_s", lambda: None)  # no /proc/stat: said, not guessed
+    assert load.since() is None and "unknown" in load.summary()
+
+
+def test_others_load_waits_for_a_quiet_machine_and_says_when_it_was_not(monkeypatch):
+    import bench._common as common
+
+    clock = {"t": 0.0, "busy": 0.0}
+    per_window = iter([1.5, 1.2, 0.02])  # cores the others use in each 1 s window
+
+    def sleep(s):
+        clock["t"] += s
+        clock["busy"] += next(per_window, 0.0) * s
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(common.time, "sleep", sleep)
+    monkeypatch.setattr(common, "_machine_busy_s", lambda: clock["busy"])
+    monkeypatch.setattr(common, "_own_cpu_s", lambda: 0.0)
+    line = common.OthersLoad().quiet(max_wait=30)
+    assert clock["t"] == 3.0 and "0.02 of" in line and "(quiet;" in line
+    per_window = iter([1.5] * 100)
+    line = common.OthersLoad().quiet(max_wait=5)
+    assert "1.50 of" in line and "not quiet after waiting 5 s" in line
+    assert common._machine_busy_s() is None or common._machine_busy_s() >= 0  # the real /proc/stat reads
