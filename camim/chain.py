@@ -113,14 +113,14 @@ def dry_run(settings: Settings, what: str, mllms: list[str] | None = None) -> di
 
 def demo(settings: Settings) -> float:
     """data → captions (every shipped source) → features → train + report (``[report] demo_*``) on the bundled sample."""
-    from stages.report import run_report
+    from stages.report import run_report, seed_list
 
     t0 = time.perf_counter()
     sources = shipped_sources(settings)
     g = build(settings, sources)
     features(settings, sources, g)
     rconf = settings.section("report")
-    seeds = [int(x) for x in rconf.get("demo_seeds", [1])]
+    seeds = seed_list(rconf.get("demo_seeds", [1]), "[report] demo_seeds")
     epochs = int(rconf.get("demo_epochs", 3))
     smoke = (f"SMOKE CHECK of the chain, not a comparison: {len(seeds)} seed(s), {epochs} epochs on the bundled sample "
              f"(300 train / 100 test samples). That is too little data to learn the task: F1 here is far below the full "

@@ -227,7 +227,7 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            crop_index: Optional[str] = CropIndexOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png,tex,json}.
     A comma list of heads (--head cam,remote) compares the heads on the same caches, sources and seeds."""
-    from stages.report import run_report
+    from stages.report import run_report, seed_list
     from stages.train.trainer import train_options
 
     from . import chain
@@ -237,7 +237,7 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
         s = _settings(profile=profile, cache_dir=cache_dir, task=task, source=source, mllm=mllm or None, device=device, on_error=on_error,
                       image_dir=image_dir, runs_dir=runs_dir, reports_dir=reports_dir, prompt=prompt, engine=engine, workers=workers,
                       ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
-        sd = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        sd = seed_list(seeds, "--seeds/SEEDS") if seeds else None
         heads = [h.strip() for h in (head or "").split(",") if h.strip()]
         over = _train_overrides(heads[0] if len(heads) == 1 else None, opt, epochs, log)
         srcs = s.mllms if mllm else (list(s.section("report").get("sources") or []) or shipped_sources(s))

@@ -263,6 +263,27 @@ def progress_line(done: int, total: int, trained: list[float], elapsed: float) -
     return line + ")"
 
 
+def seed_list(seeds, where: str) -> list[int]:
+    """``seeds`` (ints, or a comma string such as ``--seeds``/``SEEDS`` gives) as a list of distinct
+    whole numbers >= 0; anything else is an error naming ``where`` (a repeated seed would be the
+    same run counted twice: its spread and its test would be made up)."""
+    items = [x.strip() for x in seeds.split(",") if x.strip()] if isinstance(seeds, str) else list(seeds)
+    out = []
+    for x in items:
+        try:
+            v = int(x) if not isinstance(x, (bool, float)) else None
+        except (TypeError, ValueError):
+            v = None
+        if v is None or v < 0:
+            raise PipelineError(f"{where}: seed {x!r} is not a whole number >= 0 (seeds are comma-separated, e.g. 1,2,3)")
+        if v in out:
+            raise PipelineError(f"{where}: seed {v} is given twice; each seed is one run, and a repeat would count it twice")
+        out.append(v)
+    if not out:
+        raise PipelineError(f"{where}: no seeds given")
+    return out
+
+
 def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
                overrides: dict | None = None, name: str | None = None, heads: list[str] | None = None,
                quiet_runs: bool = False, smoke: str | None = None) -> dict:
@@ -275,7 +296,8 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     rconf = settings.section("report")
     plan_gain = plan_gain_of(rconf)  # checked before any run trains
     conf = train_options(settings, overrides)
-    seeds = seeds or list(rconf.get("seeds") or conf["seeds"])
+    seeds = (seed_list(seeds, "--seeds") if seeds else seed_list(rconf["seeds"], "[report] seeds") if rconf.get("seeds")
+             else seed_list(conf["seeds"], "[train] seeds"))
     heads = heads or [conf["head"]]
     rows = []
     runs_by: dict[tuple[str, str], list] = {}

@@ -30,3 +30,26 @@ def test_unknown_backend_and_missing_source(tmp_path, small_source):
     r = subprocess.run(CLI + ["captions", "--source", str(small_source), "--cache-dir", str(tmp_path), "--mllm", "imported:llava"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no imported captions named 'llava'" in r.stderr and "qwen" in r.stderr
+
+
+def test_bad_seeds_are_one_line_naming_where_they_came_from(tmp_path, small_source):
+    """A seed that is not a whole number, or one given twice (the same run counted twice would make up its
+    spread and its test), stops the report before any run trains."""
+    base = CLI + ["report", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--dry-run"]
+    for seeds, said in (("1,x", "seed 'x' is not a whole number"), ("1,2,1", "seed 1 is given twice"), ("1.5", "seed '1.5' is not")):
+        r = subprocess.run(base + ["--seeds", seeds], capture_output=True, text=True)
+        assert r.returncode == 2 and f"--seeds/SEEDS: {said}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    ok = subprocess.run(base + ["--seeds", " 1, 2 "], capture_output=True, text=True)
+    assert ok.returncode == 0 and "x 2 seed(s)" in ok.stdout, ok.stderr
+
+
+def test_seed_list_checks_every_place_seeds_come_from():
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from stages.report import seed_list
+
+    assert seed_list([1, 2, 3], "[train] seeds") == [1, 2, 3] and seed_list("4,5", "--seeds") == [4, 5]
+    for bad, said in (([1, True], "True"), ([2.0], "2.0"), ([], "no seeds"), ([3, 3], "given twice")):
+        with pytest.raises(PipelineError, match=f"\\[report\\] seeds: .*{said}"):
+            seed_list(bad, "[report] seeds")
