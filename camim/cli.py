@@ -242,7 +242,10 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
         over = _train_overrides(heads[0] if len(heads) == 1 else None, opt, epochs, log)
         srcs = s.mllms if mllm else (list(s.section("report").get("sources") or []) or shipped_sources(s))
         if dry_run:
-            n_seeds = len(sd or s.section("report").get("seeds") or train_options(s, over)["seeds"])
+            conf = train_options(s, over)  # every head and its options checked, as the real report would before training
+            for h in heads:
+                train_options(s, {**over, "head": h})
+            n_seeds = len(sd or s.section("report").get("seeds") or conf["seeds"])
             chain.dry_run(s, "report", srcs)
             hx = f" x {len(heads)} heads" if len(heads) > 1 else ""
             print(f"  train: {len(srcs)} source(s){hx} x {n_seeds} seed(s) = {len(srcs) * max(1, len(heads)) * n_seeds} runs "

@@ -113,11 +113,24 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` where torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as
+    given, once checked against this machine (DEVICE / --device)."""
     import torch
 
-    if device != "auto":
+    device = str(device or "auto").strip()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, sep, index = device.partition(":")
+    if kind != "cuda" or (sep and not index.isdigit()):
+        raise PipelineError(f"device {device!r} (DEVICE / --device): expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise PipelineError(f"device {device!r} (DEVICE / --device): torch sees no CUDA GPU on this machine "
+                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use auto or cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise PipelineError(f"device {device!r} (DEVICE / --device): this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def pick_dtype(compute_dtype: str, device: str) -> str:

@@ -80,7 +80,37 @@ def train_options(settings: Settings, overrides: dict | None = None) -> dict:
         if unknown:
             raise PipelineError(f"unknown option(s) {', '.join(map(repr, unknown))} for head {conf['head']!r}; "
                                 f"known: {', '.join(sorted(known))}")
+    check_types(conf, {**DEFAULTS, **(getattr(head_cls, "OPTIONS", None) or {})}, set(overrides or {}))
     return conf
+
+
+# values an option takes beside those of its default's type (checked where the option is read)
+ALSO = {"joint": ("memory",)}
+
+
+def check_types(conf: dict, defaults: dict, from_command_line: set) -> None:
+    """Each option of ``conf`` that has a default of type bool, int, float or str holds a value of that
+    type (an int where a float is expected is fine), or is an error naming where it came from: a word
+    such as ``top_lr=abc`` would otherwise fail deep in training, and ``cap_ens=False`` (TOML spells it
+    ``false``) would read as the string "False", which is true."""
+    for k, d in defaults.items():
+        v = conf.get(k)
+        if v is None or d is None or v in ALSO.get(k, ()):
+            continue
+        if isinstance(d, bool):
+            ok, kind = isinstance(v, bool), "true or false (lower case)"
+        elif isinstance(d, int):
+            ok, kind = isinstance(v, int) and not isinstance(v, bool), "a whole number"
+        elif isinstance(d, float):
+            ok, kind = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        elif isinstance(d, str):
+            ok, kind = isinstance(v, str), "a word"
+        else:
+            continue
+        if not ok:
+            where = f"--opt {k}" if k in from_command_line else f"[train] {k}"
+            also = "".join(f" or {a!r}" for a in ALSO.get(k, ()))
+            raise PipelineError(f"{where} = {v!r}: expected {kind}{also}, like its default {str(d).lower() if isinstance(d, bool) else repr(d)}")
 
 
 def parse_opts(pairs: list[str]) -> dict:

@@ -53,3 +53,10 @@ def test_seed_list_checks_every_place_seeds_come_from():
     for bad, said in (([1, True], "True"), ([2.0], "2.0"), ([], "no seeds"), ([3, 3], "given twice")):
         with pytest.raises(PipelineError, match=f"\\[report\\] seeds: .*{said}"):
             seed_list(bad, "[report] seeds")
+
+
+def test_a_dry_run_report_checks_heads_and_options(tmp_path, small_source):
+    base = CLI + ["report", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--dry-run"]
+    for extra, said in ((["--head", "remote,xyz"], "unknown head 'xyz'"), (["--opt", "lr=x"], "--opt lr = 'x': expected a number")):
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -73,3 +73,30 @@ def test_every_shipped_profile_resolves_for_every_task(tmp_path, name):
         stage = text_stage(s)  # checks [text]: a tuned cut needs layers = [-1]
         conf = train_options(s)
         assert stage.conf["cut"] >= 0 and conf["epochs"] > 0
+
+
+@pytest.mark.parametrize("where, value, match", [
+    ("opt", {"top_lr": "abc"}, r"--opt top_lr = 'abc': expected a number, like its default 0.0001"),
+    ("opt", {"cap_ens": "False"}, r"--opt cap_ens = 'False': expected true or false \(lower case\), like its default false"),
+    ("opt", {"epochs": 2.5}, r"--opt epochs = 2.5: expected a whole number"),
+    ("opt", {"joint": "xyz"}, r"--opt joint = 'xyz': expected true or false \(lower case\) or 'memory'"),
+    ("profile", {"hidden": "wide"}, r"\[train\] hidden = 'wide': expected a whole number, like its default 128"),
+    ("profile", {"align": 3}, r"\[train\] align = 3: expected a word"),
+])
+def test_an_option_of_the_wrong_type_is_an_error_naming_where_it_came_from(tmp_path, where, value, match):
+    """A word where a number belongs would fail deep in training; "False" (TOML spells it false) would
+    be a string, which is true."""
+    from stages.train.trainer import train_options
+
+    s = _settings(tmp_path, {"train": value} if where == "profile" else {})
+    with pytest.raises(PipelineError, match=match):
+        train_options(s, value if where == "opt" else None)
+
+
+def test_options_of_the_right_type_pass_the_check(tmp_path):
+    from stages.train.trainer import parse_opts, train_options
+
+    over = parse_opts(["lr=1", "ema=0", "joint=memory", "joint=false", "cap_ens=true", "epochs=2", "align=S"])
+    conf = train_options(_settings(tmp_path, {}), over)
+    assert conf["lr"] == 1 and conf["joint"] is False and conf["cap_ens"] is True and conf["align"] == "S"
+    assert train_options(_settings(tmp_path, {}), {"head": "remote", "levels": [1, 2]})["levels"] == [1, 2]  # no default type: unchecked

