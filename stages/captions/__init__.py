@@ -22,6 +22,7 @@ MAX_CAPTION_CHARS = 4000
 
 CAPTIONERS = Registry("caption backend")
 CAPTIONERS.add("imported", "stages.captions.imported:ImportedCaptioner")
+CAPTIONERS.add("shuffled", "stages.captions.shuffled:ShuffledCaptioner")
 CAPTIONERS.add("none", "stages.captions.none:NoCaptioner")
 CAPTIONERS.add("dashscope", "stages.captions.dashscope_api:DashScopeCaptioner")
 CAPTIONERS.add("openai", "stages.captions.openai_compat:OpenAICaptioner")

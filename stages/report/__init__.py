@@ -22,7 +22,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-from .tables import DISPLAY, html_table, html_text, md_table, pct, text_table
+from .tables import control_of, display, html_table, html_text, md_table, pct, text_table
 
 COLS = ("acc", "precision", "recall", "f1")
 SIG_NOTE = ("ΔF1 vs none: the source's mean F1 over seeds minus none's; 95% CI and p from a t test whose standard error "
@@ -41,7 +41,7 @@ def _ms(vals: list[float]) -> tuple[float, float]:
 
 
 def summarise(source: str, runs: list, modalities: dict) -> dict:
-    row = {"source": source, "name": DISPLAY.get(source, source), "seeds": [r.metrics["seed"] for r in runs],
+    row = {"source": source, "name": display(source), "seeds": [r.metrics["seed"] for r in runs],
            "runs": [r.run_id for r in runs], "caplen": modalities.get("caption_len_words", 0.0),
            "captions": modalities.get("captions", 0), "modalities": modalities,
            "cache_keys": runs[0].config["cache_keys"] if runs else {}}
@@ -128,7 +128,8 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     names = [r["name"] for r in rows]
     means = [r["test_f1"][0] * 100 for r in rows]
     errs = [r["test_f1"][1] * 100 for r in rows]
-    ax.bar(names, means, yerr=errs, capsize=4, color=["#999999" if r["source"] == "none" else "#3b75af" for r in rows])
+    ax.bar(names, means, yerr=errs, capsize=4, color=["#999999" if r["source"] == "none" else "#c8c8c8" if r["source"].startswith("shuffled:") else "#3b75af"
+                                                   for r in rows])
     for i, (m, r) in enumerate(zip(means, rows)):
         star = "*" if (r.get("significance") or {}).get("significant") else ""
         ax.text(i, m + errs[i] + 0.5, f"{m:.1f}{star}", ha="center", va="bottom", fontsize=8)
@@ -201,6 +202,9 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
     md += [md_table(head, body), ""]
     if plan:
         md += [plan, ""]
+    content = content_rows(rows)
+    if content:
+        md += ["## Content controls", "", CONTENT_NOTE, "", md_table(*content), ""]
     md += [f"![test F1 per caption source]({png.name})", ""]
     if pl:
         md += ["## Per-relation test F1 (best source and `none`)", "", md_table(*pl), ""]
@@ -218,6 +222,8 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path, name: str) -> dict
     if meta.get("smoke"):
         parts += [f"<p><strong>{html.escape(meta['smoke'])}</strong></p>"]
     parts += [html_table(head, body)] + ([f"<p>{html.escape(plan)}</p>"] if plan else [])
+    if content:
+        parts += ["<h2>Content controls</h2>", f"<p>{html_text(CONTENT_NOTE)}</p>", html_table(*content)]
     parts += [f"<p>{html_text(training_line(meta))}</p>",
              f"<p><img src='{html.escape(png.name)}' alt='test F1 per caption source'></p>"]
     if pl:
@@ -243,6 +249,32 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
             if r["source"] in sigs:
                 r["significance"] = sigs[r["source"]]
     apply_holm([r.get("significance") for r in rows], plan_gain / 100 if plan_gain else None)
+
+
+def add_content_controls(rows: list[dict], runs_by_source: dict[str, list], labels: list[str], head: str) -> None:
+    """Fill ``row["content"]`` of every ``imported:x`` whose control ``shuffled:x`` (its own captions,
+    each given to another image) is in the report too: the same test with the control as the base.
+    Those comparisons are a family of their own, adjusted by Holm's method."""
+    from .significance import apply_holm, compare
+
+    for r in rows:
+        ctrl = control_of(r["source"])
+        if ctrl and runs_by_source.get(ctrl) and runs_by_source.get(r["source"]):
+            r["content"] = compare(runs_by_source[ctrl], {r["source"]: runs_by_source[r["source"]]}, labels, head).get(r["source"])
+    apply_holm([r.get("content") for r in rows])
+
+
+CONTENT_NOTE = ("Content controls: each caption source against its own captions shuffled across images (`shuffled:<x>`, "
+                "every caption given to another image), with the test above and the control as the base; p (Holm) over "
+                "these comparisons. A gain here is what the captions' content gives; a gain over none alone may be "
+                "what a caption stream does with any text.")
+
+
+def content_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """The content controls' table, or None where the report holds no source with its control."""
+    body = [[r["name"], *sig_cells(r["content"])] for r in rows if r.get("content")]
+    head = ["MLLM", "ΔF1 vs shuffled", "95% CI", "p", "p (Holm)", "significant", "detectable"]
+    return (head, body) if body else None
 
 
 def plan_gain_of(rconf: dict) -> float:
@@ -328,6 +360,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
         return write_head_report(settings, rows, heads, sources, seeds, name or f"heads-{settings.task}", t0)
     add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0],
                      plan_gain)
+    add_content_controls(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0])
     name = name or rconf.get("name", "captions")
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},
@@ -341,6 +374,9 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     print(text_table(head, body))
     if plan := plan_line(rows):
         print("report: " + plan)
+    if content := content_rows(rows):
+        print("report: " + CONTENT_NOTE.replace("`", ""))
+        print(text_table(*content))
     print("report: " + training_line(meta))
     print(f"report: {len(sources)} source(s) x {len(seeds)} seed(s) in {meta['wall_s']:.1f}s -> {paths['md']}, {paths['html']}, "
           f"{paths['png']}, {paths['tex']}")

@@ -15,7 +15,7 @@ import time
 from pipeline.config import Settings
 from pipeline.store import atomic_write_bytes, atomic_write_json
 
-from .tables import DISPLAY, html_table, html_text, md_table, pct, text_table
+from .tables import display, html_table, html_text, md_table, pct, text_table
 
 
 def write_head_report(settings: Settings, rows: list[dict], heads: list[str], sources: list[str], seeds: list[int],
@@ -26,7 +26,7 @@ def write_head_report(settings: Settings, rows: list[dict], heads: list[str], so
     for r in rows:
         ref = next(x for x in rows if x["source"] == r["source"] and x["head"] == heads[0])
         d = "" if ref is r else f"{(r['test_f1'][0] - ref['test_f1'][0]) * 100:+.2f}"
-        body.append([r["head"], DISPLAY.get(r["source"], r["source"]), pct(r["test_acc"]), pct(r["test_precision"]),
+        body.append([r["head"], display(r["source"]), pct(r["test_acc"]), pct(r["test_precision"]),
                      pct(r["test_recall"]), pct(r["test_f1"]), d, pct(r["val_f1"])])
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "heads": heads, "sources": sources,
             "seeds": seeds, "wall_s": time.perf_counter() - t0}

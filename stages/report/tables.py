@@ -8,6 +8,20 @@ DISPLAY = {"none": "none (text only)", "imported:blip2": "BLIP-2", "imported:ins
            "imported:qwen": "QwenVL-Plus", "imported:minicpm": "MiniCPM-V"}
 
 
+def display(source: str) -> str:
+    """A source's name in a report: the paper's MLLM names; ``shuffled:<x>`` as its source's name + "shuffled"."""
+    backend, _, arg = source.partition(":")
+    if backend == "shuffled":
+        return f"{DISPLAY.get('imported:' + arg, arg)}, shuffled"
+    return DISPLAY.get(source, source)
+
+
+def control_of(source: str) -> str | None:
+    """The content control of an imported source (``imported:x`` → ``shuffled:x``), else None."""
+    backend, _, arg = source.partition(":")
+    return f"shuffled:{arg}" if backend == "imported" and arg else None
+
+
 def html_text(md: str) -> str:
     """A line of Markdown prose as HTML: escaped, with `code` spans as <code>."""
     import re
