@@ -253,14 +253,16 @@ def add_significance(rows: list[dict], runs_by_source: dict[str, list], labels: 
 
 def add_content_controls(rows: list[dict], runs_by_source: dict[str, list], labels: list[str], head: str) -> None:
     """Fill ``row["content"]`` of every ``imported:x`` whose control ``shuffled:x`` (its own captions,
-    each given to another image) is in the report too: the same test with the control as the base.
-    Those comparisons are a family of their own, adjusted by Holm's method."""
+    each given to another image) is in the report too: the same test with the control as the base
+    (the seeds' spread still pooled over every row of the report).  Those comparisons are a family of
+    their own, adjusted by Holm's method."""
     from .significance import apply_holm, compare
 
     for r in rows:
         ctrl = control_of(r["source"])
         if ctrl and runs_by_source.get(ctrl) and runs_by_source.get(r["source"]):
-            r["content"] = compare(runs_by_source[ctrl], {r["source"]: runs_by_source[r["source"]]}, labels, head).get(r["source"])
+            others = {src: runs for src, runs in runs_by_source.items() if src != ctrl}
+            r["content"] = compare(runs_by_source[ctrl], others, labels, head).get(r["source"])
     apply_holm([r.get("content") for r in rows])
 
 

@@ -86,3 +86,4 @@ def test_a_source_is_tested_against_its_own_control_in_a_family_of_its_own(tmp_p
     assert "content" not in by["none"] and "content" not in by["shuffled:qwen"] and "content" not in by["imported:blip2"]
     c = by["imported:qwen"]["content"]
     assert c["delta_f1"] > 0.05 and c["significant"] and c["family"] == 1 and c["n_seeds"] == 3
+    assert c["rows"] == 4 and c["seed_df"] == 8  # the seeds' spread pooled over every row, as against none
