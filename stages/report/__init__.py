@@ -333,6 +333,10 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     seeds = (seed_list(seeds, "--seeds") if seeds else seed_list(rconf["seeds"], "[report] seeds") if rconf.get("seeds")
              else seed_list(conf["seeds"], "[train] seeds"))
     heads = heads or [conf["head"]]
+    name = name or (f"heads-{settings.task}" if len(heads) > 1 else rconf.get("name") or "captions")
+    if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+        raise PipelineError(f"report name {name!r} (--name / REPORT / [report] name) is a file name under the reports folder, "
+                            "not a path: choose the folder with --reports-dir (REPORTS_DIR)")
     rows = []
     runs_by: dict[tuple[str, str], list] = {}
     n_records, labels = 0, []
@@ -359,11 +363,10 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if len(heads) > 1:
         from .heads import write_head_report
 
-        return write_head_report(settings, rows, heads, sources, seeds, name or f"heads-{settings.task}", t0)
+        return write_head_report(settings, rows, heads, sources, seeds, name, t0)
     add_significance(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0],
                      plan_gain)
     add_content_controls(rows, {src: runs_by[(src, heads[0])] for src in sources}, labels, heads[0])
-    name = name or rconf.get("name", "captions")
     meta = {"task": settings.task, "source": settings.source or "bundled sample", "head": heads[0], "seeds": seeds,
             "records": n_records, "options": {k: v for k, v in sorted(conf.items()) if k != "seeds"},
             "wall_s": time.perf_counter() - t0, "alpha": 0.05, "smoke": smoke,

@@ -55,6 +55,14 @@ def test_seed_list_checks_every_place_seeds_come_from():
             seed_list(bad, "[report] seeds")
 
 
+def test_a_report_name_that_is_a_path_stops_the_report_before_any_run_trains(tmp_path, small_source):
+    r = subprocess.run(CLI + ["report", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--runs-dir",
+                              str(tmp_path / "runs"), "--mllm", "none", "--seeds", "1", "--name", "../elsewhere"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "report name '../elsewhere'" in r.stderr and "--reports-dir" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_dry_run_report_checks_heads_and_options(tmp_path, small_source):
     base = CLI + ["report", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--dry-run"]
     for extra, said in ((["--head", "remote,xyz"], "unknown head 'xyz'"), (["--opt", "lr=x"], "--opt lr = 'x': expected a number")):
