@@ -194,6 +194,9 @@ def train(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Task
                       ground=ground, crop_dir=crop_dir, trans_dir=trans_dir, crop_index=crop_index)
         over = _train_overrides(head, opt, epochs, log)
         sd = seed if seed is not None else int(list(train_options(s, over)["seeds"])[0])
+        if len(s.mllms) > 1:
+            raise PipelineError(f"camim train takes one caption source, not {len(s.mllms)} ({', '.join(s.mllms)}); "
+                                "`camim report --mllm ...` trains and compares several")
         src = s.mllms[0] if s.mllms else "none"
         return train_one(s, src, sd, over, force=force, inputs=inputs_for(s, src))
 

@@ -69,7 +69,21 @@ def _write_failed(path: Path, exc: BaseException, tmp: Path | None = None) -> Wr
         except OSError:
             pass
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return WriteError(f"cannot write {path}: {why} (everything committed before is intact; free space and run again to resume)")
+    return WriteError(f"cannot write {path}: {why} (everything committed before is intact; {_mend(exc)} and run again to resume)")
+
+
+def _mend(exc: BaseException) -> str:
+    """What to do about a failed write, from its errno."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable"
+    if code in (errno.EEXIST, errno.ENOTDIR):
+        return "a file stands where a folder is needed on that path: move it"
+    return "fix the cause"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

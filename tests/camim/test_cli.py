@@ -68,3 +68,10 @@ def test_a_dry_run_report_checks_heads_and_options(tmp_path, small_source):
     for extra, said in ((["--head", "remote,xyz"], "unknown head 'xyz'"), (["--opt", "lr=x"], "--opt lr = 'x': expected a number")):
         r = subprocess.run(base + extra, capture_output=True, text=True)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_train_with_several_sources_is_an_error_not_a_run_of_the_first(tmp_path, small_source):
+    r = subprocess.run(CLI + ["train", "--source", str(small_source), "--cache-dir", str(tmp_path / "c"), "--runs-dir",
+                              str(tmp_path / "runs"), "--mllm", "none,imported:qwen"], capture_output=True, text=True)
+    assert r.returncode == 2 and "takes one caption source, not 2" in r.stderr and "camim report" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()

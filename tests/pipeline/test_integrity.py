@@ -141,7 +141,7 @@ def test_a_full_disk_is_one_error_line_and_committed_parts_stay(tmp_path, small_
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     r = CliRunner().invoke(app, args + ["--batch-size", "8"])
     assert r.exit_code == 2 and "No space left on device" in r.output and "Traceback" not in r.output
-    assert "error: cannot write" in r.output
+    assert "error: cannot write" in r.output and "free space and run again to resume" in r.output
     tf = next((tmp_path / "c" / "text_features").iterdir())
     assert len(list((tf / "parts").glob("part-*.parquet"))) == 1
     assert not [p for p in (tf / "parts").iterdir() if p.name.startswith(".")]  # no temp file left behind
@@ -236,3 +236,11 @@ def test_train_heals_an_overwritten_feature_part_and_ends_as_a_clean_run(tmp_pat
     (mb,) = (tmp_path / "rb").glob("*/metrics.json")
     a, b = json.loads(ma.read_text()), json.loads(mb.read_text())
     assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_a_failed_write_says_what_to_do_about_its_cause(tmp_path):
+    from pipeline.store import WriteError, atomic_write_bytes
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(WriteError, match=r"cannot write .*afile/out.txt: .*a file stands where a folder is needed"):
+        atomic_write_bytes(tmp_path / "afile" / "out.txt", b"data")
