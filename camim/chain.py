@@ -111,7 +111,7 @@ def dry_run(settings: Settings, what: str, mllms: list[str] | None = None) -> di
     return out
 
 
-def demo(settings: Settings) -> float:
+def demo(settings: Settings, jobs: int | str | None = None) -> float:
     """data → captions (every shipped source) → features → train + report (``[report] demo_*``) on the bundled sample."""
     from stages.report import run_report, seed_list
 
@@ -128,7 +128,7 @@ def demo(settings: Settings) -> float:
              f"down to 0 for a source. With one seed, training noise is unmeasured, so no difference here can be "
              f"called significant; the significance columns say so.")
     out = run_report(settings, sources, lambda m: train_inputs(g, m), seeds, {"epochs": epochs}, name="demo", quiet_runs=True,
-                     smoke=smoke)
+                     smoke=smoke, jobs=jobs)
     n_sig = sum(bool((r.get("significance") or {}).get("significant")) for r in out["rows"])
     why = " (one seed: training noise is unmeasured)" if len(seeds) < 2 else " (t test over the seeds' spread and the test items, Holm-adjusted p<0.05)"
     print(f"demo: {n_sig} of {len(out['rows']) - 1} differences to 'none' are significant{why}.")

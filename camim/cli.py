@@ -36,6 +36,7 @@ DryOpt = typer.Option(False, "--dry-run", envvar="DRY_RUN",
                       help="say what would run (items total, cached, new; API tokens and cost) and stop: nothing is sent or written")
 EngineOpt = typer.Option("local", "--engine", envvar="ENGINE", help="local | ray (Ray Data actors; RAY_ADDRESS picks a cluster)")
 WorkersOpt = typer.Option(None, "--workers", envvar="WORKERS", help="Ray actor pool size (engine ray)")
+JobsOpt = typer.Option(None, "--jobs", envvar="JOBS", help="report/demo: runs trained side by side on a CPU: auto | N (default: the profile's [report] jobs)")
 RunsOpt = typer.Option(None, "--runs-dir", envvar="RUNS_DIR", help="folder of trained runs (default: runs/ under CAMIM_HOME or the current folder)")
 ReportsOpt = typer.Option(None, "--reports-dir", envvar="REPORTS_DIR", help="folder of reports (default: reports/ under CAMIM_HOME or the current folder)")
 # grounding choices (they change the grounding, image-feature and stream keys of every command that reads images)
@@ -113,7 +114,7 @@ def features(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = T
 @app.command()
 def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
          runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
-         engine: str = EngineOpt, workers: Optional[int] = WorkersOpt):
+         engine: str = EngineOpt, workers: Optional[int] = WorkersOpt, jobs: Optional[str] = JobsOpt):
     """The whole chain on the bundled real MNRE sample; prints this and the previous run's time."""
     from . import chain
 
@@ -121,7 +122,7 @@ def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optio
                   reports_dir=reports_dir, prompt=prompt, engine=engine, workers=workers)
     s.source = None
     os.environ.pop("MNRE_SOURCE", None)
-    took = _guard(chain.demo, s)
+    took = _guard(chain.demo, s, _jobs(jobs))
     stamp = Path(s.cache_dir) / "demo-times.json"
     times = json.loads(stamp.read_text()) if stamp.exists() else []
     if times:
@@ -130,6 +131,11 @@ def demo(profile: str = ProfileOpt, cache_dir: str = CacheOpt, batch_size: Optio
     times.append(took)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(times[-20:]))
+
+
+def _jobs(value: str | None) -> int | str | None:
+    """``--jobs``/``JOBS``: a whole number of runs, or a word (``auto``) checked where it is used."""
+    return int(value) if value is not None and value.strip().isdigit() else value
 
 
 def _not_built(stage: str, issue: str) -> None:
@@ -227,7 +233,7 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
            runs_dir: Optional[str] = RunsOpt, reports_dir: Optional[str] = ReportsOpt, prompt: str = PromptOpt,
            dry_run: bool = DryOpt, log: Optional[str] = LogOpt, engine: str = EngineOpt, workers: Optional[int] = WorkersOpt,
            ground: Optional[str] = GroundOpt, crop_dir: Optional[str] = CropDirOpt, trans_dir: Optional[str] = TransDirOpt,
-           crop_index: Optional[str] = CropIndexOpt):
+           crop_index: Optional[str] = CropIndexOpt, jobs: Optional[str] = JobsOpt):
     """Caption-model comparison: train the head per caption source and seed; write reports/<name>.{md,html,png,tex,json}.
     A comma list of heads (--head cam,remote) compares the heads on the same caches, sources and seeds."""
     from stages.report import run_report, seed_list
@@ -251,10 +257,14 @@ def report(profile: str = ProfileOpt, cache_dir: str = CacheOpt, task: str = Tas
             n_seeds = len(sd or s.section("report").get("seeds") or conf["seeds"])
             chain.dry_run(s, "report", srcs)
             hx = f" x {len(heads)} heads" if len(heads) > 1 else ""
+            from stages.report.parallel import report_jobs
+
+            n_jobs, n_threads, _ = report_jobs(s, conf, _jobs(jobs))
+            side = f", up to {n_jobs} side by side on {n_threads} thread(s) each" if n_jobs > 1 else ""
             print(f"  train: {len(srcs)} source(s){hx} x {n_seeds} seed(s) = {len(srcs) * max(1, len(heads)) * n_seeds} runs "
-                  "(finished ones are reused)")
+                  f"(finished ones are reused{side})")
             return None
-        return run_report(s, srcs, resolver(s, srcs), sd, over, name, heads=heads if len(heads) > 1 else None)
+        return run_report(s, srcs, resolver(s, srcs), sd, over, name, heads=heads if len(heads) > 1 else None, jobs=_jobs(jobs))
 
     _guard(go)
 

@@ -62,7 +62,7 @@ def visual_reason(settings: Settings) -> str | None:
 
 #: the profile's sections, and the settings of those no stage declares itself
 SECTIONS = {"text": None, "image": None, "ground": None, "captions": None, "train": None,
-            "report": ("sources", "seeds", "name", "demo_epochs", "demo_seeds", "plan_gain")}
+            "report": ("sources", "seeds", "name", "demo_epochs", "demo_seeds", "plan_gain", "jobs")}
 
 
 def check_profile(conf: dict) -> None:

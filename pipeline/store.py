@@ -58,6 +58,42 @@ def _tell(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@contextmanager
+def folder_lock(folder: Path, what: str, waiting: str):
+    """Hold ``<folder>/.lock`` (an exclusive ``flock``, released by the kernel when the holder dies,
+    even by SIGKILL).  A second holder tells the user ``"<what>: <pid on host> <waiting>"`` and waits.
+    Re-entrant within a process.  Used by the store's keys and by trained runs."""
+    import fcntl
+    import socket
+
+    if str(folder) in _HELD:
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")
+    except OSError as exc:
+        raise _write_failed(folder / ".lock", exc) from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            _tell(f"{what}: {who} {waiting}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        _HELD.add(str(folder))
+        yield
+    finally:
+        _HELD.discard(str(folder))
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 class WriteError(PipelineError):
     """A write failed (disk full, read-only, permissions): what is committed stays intact."""
 
@@ -168,36 +204,8 @@ class StageCache:
         committed and computes only what is left: two runs never compute an item twice.
         ``flock`` is honoured across hosts on NFSv4 and most cluster file systems, so Ray
         drivers on shared storage exclude each other too.  Re-entrant within a process."""
-        import fcntl
-        import socket
-
-        if str(self.dir) in _HELD:
+        with folder_lock(self.dir, f"{self.stage}/{self.key}", "is running this stage; waiting for it, then computing only what it left"):
             yield
-            return
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            f = open(self.dir / ".lock", "a+")
-        except OSError as exc:
-            raise _write_failed(self.dir / ".lock", exc) from None
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                who = f.read().strip() or "another process"
-                msg = f"{self.stage}/{self.key}: {who} is running this stage; waiting for it, then computing only what it left"
-                _tell(msg)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            f.flush()
-            _HELD.add(str(self.dir))
-            yield
-        finally:
-            _HELD.discard(str(self.dir))
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
 
     # -- spec and markers -------------------------------------------------
     def write_spec(self, spec: dict) -> None:

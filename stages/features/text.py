@@ -155,6 +155,14 @@ class TextFeatureStage(Stage):
         self.model = None
         self.tok = None
 
+    def __getstate__(self) -> dict:
+        """Sent to another process (a report's run, a Ray actor): the settings, not the loaded model
+        (``setup`` loads it again there)."""
+        state = dict(self.__dict__)
+        state.update(model=None, tok=None)
+        state.pop("_torch", None)
+        return state
+
     def key_config(self) -> dict:
         c = dict(self.conf)
         c["model"] = self.ref.identity

@@ -14,6 +14,7 @@ Adding an MLLM = naming one more source (``--mllm none,imported:qwen,imported:/m
 from __future__ import annotations
 
 import html
+import math
 import statistics
 import time
 from pathlib import Path
@@ -287,13 +288,14 @@ def plan_gain_of(rconf: dict) -> float:
     return float(v)
 
 
-def progress_line(done: int, total: int, trained: list[float], elapsed: float) -> str:
+def progress_line(done: int, total: int, trained: list[float], elapsed: float, jobs: int = 1) -> str:
     """Where a report stands: runs done, and the time left if every remaining run is trained
-    at the mean wall time of the runs trained so far (reused runs cost nothing)."""
+    at the mean wall time of the runs trained so far (reused runs cost nothing), ``jobs`` at a time."""
     line = f"{done}/{total} runs in {elapsed / 60:.1f} min ({total - done} to go"
     if trained and done < total:
         per_run = sum(trained) / len(trained)
-        line += f"; about {(total - done) * per_run / 60:.0f} min more at {per_run / 60:.1f} min a run"
+        side = f", {jobs} side by side" if jobs > 1 else ""
+        line += f"; about {math.ceil((total - done) / jobs) * per_run / 60:.0f} min more at {per_run / 60:.1f} min a run{side}"
     return line + ")"
 
 
@@ -320,7 +322,7 @@ def seed_list(seeds, where: str) -> list[int]:
 
 def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
                overrides: dict | None = None, name: str | None = None, heads: list[str] | None = None,
-               quiet_runs: bool = False, smoke: str | None = None) -> dict:
+               quiet_runs: bool = False, smoke: str | None = None, jobs: int | str | None = None) -> dict:
     """The one report loop: every caption source x head x seed is trained (finished runs are reused).
     ``resolve(source) -> inputs`` gives each source's resolved upstream outputs (``camim.graph``).
     One head: the caption-model comparison; several (``--head cam,remote``): the head comparison."""
@@ -337,17 +339,48 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
         raise PipelineError(f"report name {name!r} (--name / REPORT / [report] name) is a file name under the reports folder, "
                             "not a path: choose the folder with --reports-dir (REPORTS_DIR)")
+    from stages.train.trainer import finished_run, plan_run
+
+    from .parallel import can_send, report_jobs, train_side_by_side
+
+    jobs, job_threads, where = report_jobs(settings, conf, jobs)
+    side = {"threads": job_threads} if jobs > 1 else {}  # side by side: each run on its share of the cores
     rows = []
     runs_by: dict[tuple[str, str], list] = {}
+    planned: dict[tuple[str, str], tuple] = {}  # side by side: (modalities, [(out_dir, key)]) per source and head
+    tasks, names = [], []
     n_records, labels = 0, []
     total, done, trained = len(sources) * len(heads) * len(seeds), 0, []
+    if side:
+        print(f"report: {total} runs, up to {jobs} side by side on {job_threads} thread(s) each "
+              f"({where}; a run's thread count is part of its key)")
     for src in sources:
         for head in heads:
-            over = {**(overrides or {}), "head": head}
-            data = load_data(settings, src, head, resolve(src))
+            over = {**(overrides or {}), "head": head, **side}
+            inputs = resolve(src)
+            data = load_data(settings, src, head, inputs)
             n_records, labels = len(data.records), data.labels
-            runs = []
+            runs, plans = [], []
+            sendable = bool(side) and can_send(inputs)
+            if side and not sendable:
+                print(f"report: {src}: its upstream outputs cannot be sent to another process; its runs train here, "
+                      f"one after the other, on {job_threads} thread(s) each (the same runs)")
             for seed in seeds:
+                if side:  # the runs not finished yet go to the pool; the rest are read back below
+                    _, key, out_dir = plan_run(settings, data, src, seed, train_options(settings, over))
+                    plans.append((out_dir, key))
+                    if finished_run(out_dir, key) is not None:
+                        continue
+                    name_i = f"report: run {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else "")
+                    if sendable:
+                        tasks.append((settings, src, seed, over, inputs))
+                        names.append(name_i)
+                    else:
+                        t_run = time.perf_counter()
+                        train_one(settings, src, seed, over, data=data, quiet=quiet_runs)
+                        trained.append(time.perf_counter() - t_run)
+                        print(f"{name_i}: trained in {trained[-1] / 60:.1f} min")
+                    continue
                 done += 1
                 print(f"report: run {done}/{total}: {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else ""))
                 t_run = time.perf_counter()
@@ -355,11 +388,30 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
                 if not runs[-1].reused:
                     trained.append(time.perf_counter() - t_run)
                 print("report: " + progress_line(done, total, trained, time.perf_counter() - t0))
-            row = summarise(src, runs, data.modalities)
-            row["head"] = head
-            rows.append(row)
-            runs_by[(src, head)] = runs
+            if side:
+                planned[(src, head)] = (data.modalities, plans)
+            else:
+                rows.append({**summarise(src, runs, data.modalities), "head": head})
+                runs_by[(src, head)] = runs
             del data
+    if side:
+        done = total - len(tasks)
+        if done and tasks:
+            print(f"report: {done}/{total} runs already trained (or trained here); reusing them")
+
+        def ended(i, wall):
+            nonlocal done
+            done += 1
+            trained.append(wall)
+            print(f"{names[i]}: trained in {wall / 60:.1f} min; " + progress_line(done, total, trained, time.perf_counter() - t0, jobs))
+
+        train_side_by_side(tasks, jobs, lambda i: names[i], ended)
+        for (src, head), (modalities, plans) in planned.items():
+            runs = [finished_run(out_dir, key) for out_dir, key in plans]
+            if any(r is None for r in runs):
+                raise PipelineError(f"report: a run of {src} did not finish ({', '.join(str(d) for (d, _), r in zip(plans, runs) if r is None)})")
+            rows.append({**summarise(src, runs, modalities), "head": head})
+            runs_by[(src, head)] = runs
     if len(heads) > 1:
         from .heads import write_head_report
 

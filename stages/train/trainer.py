@@ -367,9 +367,20 @@ def load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, ema: We
 RUN_VERSION = 2
 
 
+def cpu_threads(settings: Settings, conf: dict) -> int | None:
+    """The CPU threads a run trains on: ``threads``, or with 0 every thread torch would use now; None off the CPU.
+    The count changes a run's floats (the order of its parallel sums), so it is part of the run's key."""
+    if pick_device(settings.device).type != "cpu":
+        return None
+    return int(conf["threads"]) if int(conf["threads"]) > 0 else torch.get_num_threads()
+
+
 def run_config(settings: Settings, data, mllm: str, seed: int, conf: dict) -> dict:
+    # one thread stays out of the key: the runs measured before it held the count were trained on one
+    threads = cpu_threads(settings, conf)
     return {
         "version": RUN_VERSION,
+        **({"threads": threads} if threads not in (None, 1) else {}),
         "task": settings.task,
         "head": conf["head"],
         "mllm": mllm,
@@ -387,23 +398,49 @@ def train_one(settings: Settings, mllm: str, seed: int, overrides: dict | None =
               run_id: str | None = None, force: bool = False, quiet: bool = False, inputs: dict | None = None) -> RunResult:
     """Train one head on one caption source and seed: ``data`` (built) or ``inputs`` (resolved upstream outputs)."""
     conf = train_options(settings, overrides)
-    head_name = conf["head"]
-    head_cls = HEADS.get(head_name)
     if data is None:
         if inputs is None:
             raise PipelineError("train_one needs the training data or the resolved upstream outputs (camim.graph.train_inputs)")
-        data = load_data(settings, mllm, head_name, inputs)
+        data = load_data(settings, mllm, conf["head"], inputs)
+    config, key, out_dir = plan_run(settings, data, mllm, seed, conf, run_id)
+    run_id = out_dir.name
+    say = (lambda *a: None) if quiet else print
+    if not force and (done := finished_run(out_dir, key)) is not None:
+        say(f"train [{run_id}]: already trained with this config; reusing {out_dir} (--force retrains)")
+        return done
+    from pipeline.store import folder_lock
+
+    # one process trains a run at a time: a second one waits, then reuses what the first finished
+    with folder_lock(out_dir, f"run {run_id}", "is training this run; waiting for it, then reusing it"):
+        if not force and (done := finished_run(out_dir, key)) is not None:
+            say(f"train [{run_id}]: trained by another process meanwhile; reusing {out_dir}")
+            return done
+        return _fit(settings, data, mllm, seed, conf, config, key, run_id, out_dir, force, say)
+
+
+def plan_run(settings: Settings, data, mllm: str, seed: int, conf: dict, run_id: str | None = None) -> tuple[dict, str, Path]:
+    """A run's config, key and folder (``conf``: :func:`train_options`), without training anything."""
     config = run_config(settings, data, mllm, seed, conf)
     key = key_of({k: v for k, v in config.items() if k != "models"})  # models are in the cache keys already
-    run_id = run_id or settings.run or f"{head_name}-{mllm.replace(':', '-').replace('/', '_')}-s{seed}-{key[:8]}"
-    out_dir = settings.runs_dir / run_id
-    say = (lambda *a: None) if quiet else print
+    run_id = run_id or settings.run or f"{conf['head']}-{mllm.replace(':', '-').replace('/', '_')}-s{seed}-{key[:8]}"
+    return config, key, settings.runs_dir / run_id
+
+
+def finished_run(out_dir: Path, key: str) -> RunResult | None:
+    """The finished run in ``out_dir`` when it was trained under ``key``, else None."""
+    mpath, cpath = out_dir / "metrics.json", out_dir / "config.json"
+    if not (mpath.exists() and cpath.exists()):
+        return None
+    old = json.loads(cpath.read_text())
+    return RunResult(out_dir.name, out_dir, json.loads(mpath.read_text()), old, reused=True) if old.get("key") == key else None
+
+
+def _fit(settings: Settings, data, mllm: str, seed: int, conf: dict, config: dict, key: str, run_id: str, out_dir: Path,
+         force: bool, say) -> RunResult:
+    """The training of :func:`train_one`, under the run's lock."""
+    head_name = conf["head"]
+    head_cls = HEADS.get(head_name)
     mpath = out_dir / "metrics.json"
-    if not force and mpath.exists() and (out_dir / "config.json").exists():
-        old = json.loads((out_dir / "config.json").read_text())
-        if old.get("key") == key:
-            say(f"train [{run_id}]: already trained with this config; reusing {out_dir} (--force retrains)")
-            return RunResult(run_id, out_dir, json.loads(mpath.read_text()), old, reused=True)
     device = pick_device(settings.device)
     amp = amp_dtype(str(conf["amp"]), device)
     if int(conf["threads"]) > 0:

@@ -1,0 +1,134 @@
+"""A report's runs side by side on a CPU (``[report] jobs``, ``--jobs`` / ``JOBS``).
+
+A tuned-top step on two cores is only 1.2-1.6x faster than on one (the train bench), so a
+report trains more runs an hour as several one-thread processes than as one process on every
+core.  ``jobs = "auto"`` fixes how many a machine takes from its cores and its memory alone
+(never from how many runs are left), and each run's thread count from that: a run's thread
+count changes its floats and is part of its key (``trainer.cpu_threads``), so the same report
+on the same machine always trains the same runs, however far an earlier try of it got.
+
+Each run trains in a process of its own (``spawn``), from the upstream outputs the report
+resolved (nothing upstream runs again, no caption API is called again), under the run's own
+lock; a process that outlives the report is killed with it (``PR_SET_PDEATHSIG``), and what a
+killed run had finished (its last epoch's checkpoint) is resumed by the next report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.errors import PipelineError
+
+#: the resident memory one run may take: 5.8 GB was measured for a run of the full MNRE with Qwen's
+#: captions (the cached caption states of memory reading are most of it)
+RUN_MEMORY = 6 << 30
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def total_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return RUN_MEMORY
+
+
+def jobs_and_threads(value, device_type: str, threads: int, where: str = "[report] jobs") -> tuple[int, int]:
+    """How many runs train side by side, and the ``threads`` each gets.  ``value``: ``"auto"`` or a
+    whole number >= 1; ``threads``: the ``[train] threads`` setting (0: the cores shared out).
+    Off the CPU, and at 1 job, runs train one after the other, as ``threads`` says."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        auto = True
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        auto = False
+    else:
+        raise PipelineError(f"{where} = {value!r}: expected auto or a whole number of runs side by side (1: one after the other)")
+    if device_type != "cpu":
+        return 1, threads
+    n = cores()
+    if auto:
+        jobs = max(1, min(n // max(1, threads), total_memory() // RUN_MEMORY))
+    else:
+        jobs = value
+    if jobs == 1:
+        return 1, threads
+    return jobs, threads if threads > 0 else max(1, n // jobs)
+
+
+def report_jobs(settings, conf: dict, jobs=None) -> tuple[int, int, str]:
+    """A report's ``(jobs, threads per run, where the jobs came from)``: ``jobs`` (``--jobs``/``JOBS``)
+    or the profile's ``[report] jobs``; ``conf``: the trainer's options."""
+    from stages.train.trainer import pick_device
+
+    where = "--jobs/JOBS" if jobs is not None else "[report] jobs"
+    value = jobs if jobs is not None else settings.section("report").get("jobs", "auto")
+    n, threads = jobs_and_threads(value, pick_device(settings.device).type, int(conf["threads"]), where)
+    return n, threads, where
+
+
+def can_send(inputs: dict) -> bool:
+    """Whether a source's resolved upstream outputs can go to a run's process (they pickle)."""
+    import pickle
+
+    try:
+        pickle.dumps(inputs)
+    except Exception:  # noqa: BLE001 - any object that does not pickle: the runs train in the report's process
+        return False
+    return True
+
+
+def _child_start() -> None:
+    """In each run's process: die with the report (Linux), and print nothing but errors."""
+    import ctypes
+    import signal
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    sys.stdout = open(os.devnull, "w")
+
+
+def _train(task: tuple) -> tuple:
+    """One run in a worker: ``(index, settings, source, seed, overrides, inputs)`` -> ``(index, wall_s, error)``."""
+    i, settings, src, seed, over, inputs = task
+    from stages.train.trainer import train_one
+
+    t = time.perf_counter()
+    try:
+        train_one(settings, src, seed, over, inputs=inputs, quiet=True)
+    except PipelineError as exc:
+        return i, time.perf_counter() - t, str(exc)
+    return i, time.perf_counter() - t, None
+
+
+def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress) -> None:
+    """Train ``tasks`` (``(settings, source, seed, overrides, inputs)``, each a run not yet finished) in
+    ``jobs`` processes.  ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.
+    The first error stops the rest (finished runs stay; a stopped one resumes from its last epoch)."""
+    import multiprocessing as mp
+
+    if not tasks:
+        return
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(min(jobs, len(tasks)), initializer=_child_start)
+    try:
+        for i, wall, err in pool.imap_unordered(_train, [(i, *t) for i, t in enumerate(tasks)]):
+            if err is not None:
+                raise PipelineError(f"{describe(i)}: {err}")
+            progress(i, wall)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
