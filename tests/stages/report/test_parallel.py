@@ -1,0 +1,44 @@
+"""A report's runs side by side (``[report] jobs``) and the thread count in a run's key."""
+
+import pytest
+
+from pipeline.errors import PipelineError
+from stages.report import parallel, progress_line
+
+
+def test_auto_jobs_follow_the_cores_and_memory_never_the_runs_left(monkeypatch):
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(parallel, "total_memory", lambda: 24 << 30)
+    assert parallel.jobs_and_threads("auto", "cpu", 0) == (2, 1)
+    monkeypatch.setattr(parallel, "cores", lambda: 16)
+    assert parallel.jobs_and_threads("auto", "cpu", 0) == (4, 4)  # 24 GiB holds 4 runs of 6 GiB
+    assert parallel.jobs_and_threads("auto", "cpu", 8) == (2, 8)
+    assert parallel.jobs_and_threads(1, "cpu", 0) == (1, 0)  # one after the other, on every core as today
+    assert parallel.jobs_and_threads("auto", "cuda", 0) == (1, 0)
+
+
+@pytest.mark.parametrize("bad", ["many", 0, -1, 1.5, True])
+def test_a_bad_jobs_value_is_an_error_naming_where_it_came_from(bad):
+    with pytest.raises(PipelineError, match=r"--jobs/JOBS = .*expected auto or a whole number"):
+        parallel.jobs_and_threads(bad, "cpu", 0, "--jobs/JOBS")
+
+
+def test_the_time_left_counts_the_runs_side_by_side():
+    assert "about 20 min more at 10.0 min a run, 2 side by side" in progress_line(1, 5, [600.0], 600.0, jobs=2)
+    assert "about 40 min more at 10.0 min a run)" in progress_line(1, 5, [600.0], 600.0)
+
+
+def test_the_thread_count_is_in_a_run_key_except_one_thread(tmp_path, small_source):
+    from camim.graph import inputs_for
+    from pipeline.config import Settings
+    from stages.train.trainer import load_data, plan_run, train_options
+
+    s = Settings(cache_dir=tmp_path / "c", runs_dir=tmp_path / "r", source=str(small_source), mllm="none")
+    data = load_data(s, "none", "cam", inputs_for(s, "none"))
+    keys = {n: plan_run(s, data, "none", 1, train_options(s, {"threads": n}))[1] for n in (1, 2)}
+    c1 = plan_run(s, data, "none", 1, train_options(s, {"threads": 1}))[0]
+    assert "threads" not in c1 and keys[1] != keys[2]  # one thread keeps the key runs had before it was held
+
+
+def test_inputs_that_do_not_pickle_are_told_apart():
+    assert parallel.can_send({"a": 1}) and not parallel.can_send({"m": pytest})
