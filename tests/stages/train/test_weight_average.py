@@ -115,7 +115,7 @@ def test_ema_warmup_at_its_default_stays_out_of_the_run_key():
 
     from stages.train.trainer import DEFAULTS, run_config
 
-    settings = SimpleNamespace(task="mnre")
+    settings = SimpleNamespace(task="mnre", device="cpu")
     data = SimpleNamespace(cache_keys={"text_features": "k"}, labels=["None"], dims={"text": 4})
     conf = {**DEFAULTS, "ema": 0.995}
     assert "ema_warmup" not in run_config(settings, data, "none", 1, conf)["options"]
