@@ -320,6 +320,40 @@ def seed_list(seeds, where: str) -> list[int]:
     return out
 
 
+def run_label(src: str, seed: int, head: str, several_heads: bool) -> str:
+    return f"{src} seed {seed}" + (f" head {head}" if several_heads else "")
+
+
+def _plan_side(settings: Settings, src: str, head: str, seeds: list[int], over: dict, data, inputs: dict, threads: int,
+               quiet: bool, tasks: list, names: list, trained: list, several_heads: bool) -> list[tuple]:
+    """Side by side: every seed's ``(run folder, key)``; each unfinished run is queued in ``tasks`` (named
+    in ``names``), or, when the source's upstream outputs cannot go to another process, trained here."""
+    from stages.train.trainer import finished_run, plan_run, train_one, train_options
+
+    from .parallel import can_send
+
+    sendable = can_send(inputs)
+    if not sendable:
+        print(f"report: {src}: its upstream outputs cannot be sent to another process; its runs train here, "
+              f"one after the other, on {threads} thread(s) each (the same runs)")
+    conf, plans = train_options(settings, over), []
+    for seed in seeds:
+        _, key, out_dir = plan_run(settings, data, src, seed, conf)
+        plans.append((out_dir, key))
+        if finished_run(out_dir, key) is not None:
+            continue
+        name = f"report: run {run_label(src, seed, head, several_heads)}"
+        if sendable:
+            tasks.append((settings, src, seed, over, inputs))
+            names.append(name)
+        else:
+            t_run = time.perf_counter()
+            train_one(settings, src, seed, over, data=data, quiet=quiet)
+            trained.append(time.perf_counter() - t_run)
+            print(f"{name}: trained in {trained[-1] / 60:.1f} min")
+    return plans
+
+
 def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
                overrides: dict | None = None, name: str | None = None, heads: list[str] | None = None,
                quiet_runs: bool = False, smoke: str | None = None, jobs: int | str | None = None) -> dict:
@@ -339,9 +373,9 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
         raise PipelineError(f"report name {name!r} (--name / REPORT / [report] name) is a file name under the reports folder, "
                             "not a path: choose the folder with --reports-dir (REPORTS_DIR)")
-    from stages.train.trainer import finished_run, plan_run
+    from stages.train.trainer import finished_run
 
-    from .parallel import can_send, report_jobs, train_side_by_side
+    from .parallel import report_jobs, train_side_by_side
 
     jobs, job_threads, where = report_jobs(settings, conf, jobs)
     side = {"threads": job_threads} if jobs > 1 else {}  # side by side: each run on its share of the cores
@@ -360,39 +394,22 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
             inputs = resolve(src)
             data = load_data(settings, src, head, inputs)
             n_records, labels = len(data.records), data.labels
-            runs, plans = [], []
-            sendable = bool(side) and can_send(inputs)
-            if side and not sendable:
-                print(f"report: {src}: its upstream outputs cannot be sent to another process; its runs train here, "
-                      f"one after the other, on {job_threads} thread(s) each (the same runs)")
+            if side:  # the runs not finished yet go to the pool (or train here); all are read back below
+                planned[(src, head)] = (data.modalities, _plan_side(settings, src, head, seeds, over, data, inputs, job_threads,
+                                                                    quiet_runs, tasks, names, trained, len(heads) > 1))
+                del data
+                continue
+            runs = []
             for seed in seeds:
-                if side:  # the runs not finished yet go to the pool; the rest are read back below
-                    _, key, out_dir = plan_run(settings, data, src, seed, train_options(settings, over))
-                    plans.append((out_dir, key))
-                    if finished_run(out_dir, key) is not None:
-                        continue
-                    name_i = f"report: run {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else "")
-                    if sendable:
-                        tasks.append((settings, src, seed, over, inputs))
-                        names.append(name_i)
-                    else:
-                        t_run = time.perf_counter()
-                        train_one(settings, src, seed, over, data=data, quiet=quiet_runs)
-                        trained.append(time.perf_counter() - t_run)
-                        print(f"{name_i}: trained in {trained[-1] / 60:.1f} min")
-                    continue
                 done += 1
-                print(f"report: run {done}/{total}: {src} seed {seed}" + (f" head {head}" if len(heads) > 1 else ""))
+                print(f"report: run {done}/{total}: {run_label(src, seed, head, len(heads) > 1)}")
                 t_run = time.perf_counter()
                 runs.append(train_one(settings, src, seed, over, data=data, quiet=quiet_runs))
                 if not runs[-1].reused:
                     trained.append(time.perf_counter() - t_run)
                 print("report: " + progress_line(done, total, trained, time.perf_counter() - t0))
-            if side:
-                planned[(src, head)] = (data.modalities, plans)
-            else:
-                rows.append({**summarise(src, runs, data.modalities), "head": head})
-                runs_by[(src, head)] = runs
+            rows.append({**summarise(src, runs, data.modalities), "head": head})
+            runs_by[(src, head)] = runs
             del data
     if side:
         done = total - len(tasks)
