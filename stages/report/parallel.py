@@ -87,8 +87,9 @@ def can_send(inputs: dict) -> bool:
     return True
 
 
-def _child_start() -> None:
-    """In each run's process: die with the report (Linux), and print nothing but errors."""
+def _child_start(report_pid: int) -> None:
+    """In each run's process: die with the report (Linux), and print nothing but errors.  A report
+    that died before the signal was asked for is seen by its pid: the run's process ends too."""
     import ctypes
     import signal
     import sys
@@ -97,7 +98,16 @@ def _child_start() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != report_pid:
+        os._exit(1)
     sys.stdout = open(os.devnull, "w")
+
+
+def pool(jobs: int):
+    """``jobs`` spawned processes that die with this one."""
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(jobs, initializer=_child_start, initargs=(os.getpid(),))
 
 
 def _train(task: tuple) -> tuple:
@@ -117,18 +127,15 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress) -> Non
     """Train ``tasks`` (``(settings, source, seed, overrides, inputs)``, each a run not yet finished) in
     ``jobs`` processes.  ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.
     The first error stops the rest (finished runs stay; a stopped one resumes from its last epoch)."""
-    import multiprocessing as mp
-
     if not tasks:
         return
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(min(jobs, len(tasks)), initializer=_child_start)
+    workers = pool(min(jobs, len(tasks)))
     try:
-        for i, wall, err in pool.imap_unordered(_train, [(i, *t) for i, t in enumerate(tasks)]):
+        for i, wall, err in workers.imap_unordered(_train, [(i, *t) for i, t in enumerate(tasks)]):
             if err is not None:
                 raise PipelineError(f"{describe(i)}: {err}")
             progress(i, wall)
-        pool.close()
+        workers.close()
     finally:
-        pool.terminate()
-        pool.join()
+        workers.terminate()
+        workers.join()

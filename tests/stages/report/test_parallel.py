@@ -42,3 +42,57 @@ def test_the_thread_count_is_in_a_run_key_except_one_thread(tmp_path, small_sour
 
 def test_inputs_that_do_not_pickle_are_told_apart():
     assert parallel.can_send({"a": 1}) and not parallel.can_send({"m": pytest})
+
+
+_KILLED_REPORT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from stages.report.parallel import pool
+
+if __name__ == "__main__":
+    workers = pool(2)
+    results = [workers.apply_async(time.sleep, (600,)) for _ in range(2)]
+    time.sleep(0.5)
+    print(" ".join(str(p.pid) for p in workers._pool), flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has died: only its parent's wait is left
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_report_takes_its_runs_processes_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "report.py"
+    script.write_text(_KILLED_REPORT.format(root=str(Path(parallel.__file__).resolve().parents[2])))
+    report = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        children = [int(p) for p in report.stdout.readline().split()]
+        assert len(children) == 2 and all(_alive(p) for p in children)
+        os.kill(report.pid, signal.SIGKILL)  # as the OOM killer or `kill -9` would: no cleanup runs
+        report.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in children)
+    finally:
+        report.kill()
+        for p in children:  # a failed check leaves no sleeper behind
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
