@@ -59,7 +59,6 @@ if __name__ == "__main__":
 
 
 def _alive(pid: int) -> bool:
-
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ")[1][0] != "Z"  # a zombie has died: only its parent's wait is left
