@@ -104,10 +104,20 @@ def _child_start(report_pid: int) -> None:
 
 
 def pool(jobs: int):
-    """``jobs`` spawned processes that die with this one."""
+    """``jobs`` spawned processes that die with this one.  A process that dies itself (killed, out of
+    memory) breaks the pool: what it was training is told, never waited on."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    return mp.get_context("spawn").Pool(jobs, initializer=_child_start, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_child_start, initargs=(os.getpid(),))
+
+
+def _stop(workers) -> None:
+    """End the pool now: the runs still training are killed (the executor cannot cancel a running call);
+    each resumes from its last epoch's checkpoint."""
+    for p in list((getattr(workers, "_processes", None) or {}).values()):
+        p.kill()
+    workers.shutdown(wait=True, cancel_futures=True)
 
 
 def _train(task: tuple) -> tuple:
@@ -123,19 +133,45 @@ def _train(task: tuple) -> tuple:
     return i, time.perf_counter() - t, None
 
 
-def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress) -> None:
+def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_train) -> None:
     """Train ``tasks`` (``(settings, source, seed, overrides, inputs)``, each a run not yet finished) in
-    ``jobs`` processes.  ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.
-    The first error stops the rest (finished runs stay; a stopped one resumes from its last epoch)."""
+    ``jobs`` processes, each task through ``work((index, *task))`` -> ``(index, wall_s, error)``.
+    ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.  The first error, or
+    a process that dies, stops the rest (finished runs stay; a stopped one resumes from its last epoch)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     if not tasks:
         return
-    workers = pool(min(jobs, len(tasks)))
+    n = min(jobs, len(tasks))
+    workers = pool(n)
+    ended = False
     try:
-        for i, wall, err in workers.imap_unordered(_train, [(i, *t) for i, t in enumerate(tasks)]):
-            if err is not None:
-                raise PipelineError(f"{describe(i)}: {err}")
-            progress(i, wall)
-        workers.close()
+        todo = {workers.submit(work, (i, *t)): i for i, t in enumerate(tasks)}
+        while todo:
+            finished, _ = wait(todo, return_when=FIRST_COMPLETED)
+            for f in sorted(finished, key=todo.get):
+                i = todo.pop(f)
+                try:
+                    _, wall, err = f.result()
+                except BrokenProcessPool:
+                    left = sorted([i, *todo.values()])[:n]  # the pool runs the tasks in order: these were training
+                    raise PipelineError(
+                        f"a run's process ended without a result (killed, perhaps out of memory) while "
+                        f"{' or '.join(describe(j) for j in left)} trained; the finished runs are kept and a stopped "
+                        f"one resumes from its last epoch. To train the same runs one at a time: --jobs 1 --opt "
+                        f"threads={_threads(tasks)}") from None
+                if err is not None:
+                    raise PipelineError(f"{describe(i)}: {err}")
+                progress(i, wall)
+        ended = True
     finally:
-        workers.terminate()
-        workers.join()
+        if ended:
+            workers.shutdown(wait=True)
+        else:
+            _stop(workers)
+
+
+def _threads(tasks: list[tuple]) -> int:
+    """The thread count the runs of ``tasks`` were given (their key holds it)."""
+    return int(tasks[0][3].get("threads", 1)) if tasks and isinstance(tasks[0][3], dict) else 1

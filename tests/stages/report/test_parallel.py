@@ -51,9 +51,9 @@ from stages.report.parallel import pool
 
 if __name__ == "__main__":
     workers = pool(2)
-    results = [workers.apply_async(time.sleep, (600,)) for _ in range(2)]
+    results = [workers.submit(time.sleep, 600) for _ in range(2)]
     time.sleep(0.5)
-    print(" ".join(str(p.pid) for p in workers._pool), flush=True)
+    print(" ".join(str(pid) for pid in workers._processes), flush=True)
     time.sleep(600)
 """
 
@@ -95,3 +95,43 @@ def test_a_killed_report_takes_its_runs_processes_with_it(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except OSError:
                 pass
+
+
+_DYING_RUN = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from pipeline.errors import PipelineError
+from stages.report.parallel import train_side_by_side
+
+
+def work(task):
+    i = task[0]
+    print(os.getpid(), file=open({pids!r}, "a"), flush=True)
+    if i == 1:
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    time.sleep(600)
+    return i, 0.0, None
+
+
+if __name__ == "__main__":
+    tasks = [(None, f"src{{i}}", 1, {{"threads": 1}}, {{}}) for i in range(4)]
+    try:
+        train_side_by_side(tasks, 2, lambda i: f"run {{i}}", lambda i, wall: print("progress", i), work=work)
+    except PipelineError as exc:
+        print("error:", exc, flush=True)
+"""
+
+
+def test_a_run_whose_process_dies_stops_the_report_with_its_name_and_kills_the_rest(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, pids = tmp_path / "report.py", tmp_path / "pids"
+    script.write_text(_DYING_RUN.format(root=str(Path(parallel.__file__).resolve().parents[2]), pids=str(pids)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120).stdout
+    assert "error: a run's process ended without a result (killed, perhaps out of memory) while run 0 or run 1 trained" in out
+    assert "--jobs 1 --opt threads=1" in out and "progress" not in out
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2 and not any(_alive(p) for p in started)  # run 0, asleep, was killed: no orphan trains on
