@@ -413,28 +413,37 @@ class StageCache:
         by_key = {r["item_key"]: r for r in idx}
         return [by_key.get(k) for k in keys]
 
+    def _by_part(self, keys: list[str | None]) -> dict[str, list[tuple[int, int]]]:
+        """``{part: [(position in keys, tensor row)]}`` for ``keys`` (None: skipped); each must be present and ok."""
+        by_key = {r["item_key"]: r for r in self.index().to_pylist()}
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for i, k in enumerate(keys):
+            if k is None:
+                continue
+            r = by_key.get(k)
+            if r is None or not r["ok"]:
+                raise PipelineError(f"{self.stage}/{self.key}: item {k} is not in the cache")
+            wanted.setdefault(r["part"], []).append((i, r["tensor_row"]))
+        return wanted
+
+    def _open_part(self, part: str):
+        from safetensors import safe_open
+
+        path = self.parts_dir / f"{part}.safetensors"
+        try:
+            return path, safe_open(str(path), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+            raise PipelineError(f"{path}: cannot read the cached tensors ({exc}); run `camim cache verify`, "
+                                f"then the same command again to recompute them") from None
+
     def tensors(self, keys: list[str], names: list[str]) -> dict[str, list]:
         """Gather tensors for ``keys`` (all must be present and ok), memory-mapped.
 
         Returns ``{name: [tensor_i for i in keys]}``; ragged names give per-item slices.
         """
-        from safetensors import safe_open
-
-        by_key = {r["item_key"]: r for r in self.index().to_pylist()}
         out: dict[str, list] = {n: [None] * len(keys) for n in names}
-        wanted: dict[str, list[tuple[int, int]]] = {}
-        for i, k in enumerate(keys):
-            r = by_key.get(k)
-            if r is None or not r["ok"]:
-                raise PipelineError(f"{self.stage}/{self.key}: item {k} is not in the cache")
-            wanted.setdefault(r["part"], []).append((i, r["tensor_row"]))
-        for part, pairs in wanted.items():
-            path = self.parts_dir / f"{part}.safetensors"
-            try:
-                f_ctx = safe_open(str(path), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
-                raise PipelineError(f"{path}: cannot read the cached tensors ({exc}); run `camim cache verify`, "
-                                    f"then the same command again to recompute them") from None
+        for part, pairs in self._by_part(keys).items():
+            path, f_ctx = self._open_part(part)
             with f_ctx as f:
                 available = set(f.keys())
                 for n in names:
@@ -450,6 +459,45 @@ class StageCache:
                     else:
                         raise PipelineError(f"{path}: no tensor {n!r}")
         return out
+
+    def ragged(self, keys: list[str | None], name: str, dim: int | None = None, dtype=None):
+        """The ragged tensor ``name`` of ``keys`` (None: an empty row) as one flat ``[P, dim]`` tensor
+        and its ``[len(keys) + 1]`` offsets: row i is ``flat[off[i]:off[i + 1]]``.  Read part by part
+        straight into place, so the rows are never held twice (a list of per-item tensors, then their
+        concatenation, took twice the memory at the peak).  ``dim`` and ``dtype``: None takes the
+        parts' own (with no key at all: float32, and ``dim`` must be given)."""
+        import torch
+
+        wanted = self._by_part(keys)
+        lens = torch.zeros(len(keys), dtype=torch.int64)
+        part_offs: dict[str, torch.Tensor] = {}
+        for part, pairs in wanted.items():
+            path, f_ctx = self._open_part(part)
+            with f_ctx as f:
+                if f"{name}.offsets" not in set(f.keys()):
+                    raise PipelineError(f"{path}: no ragged tensor {name!r}")
+                offs = part_offs[part] = f.get_tensor(f"{name}.offsets")
+                if dtype is None or dim is None:
+                    sl = f.get_slice(name)
+                    dtype = sl.get_dtype() if dtype is None else dtype
+                    dim = int(sl.get_shape()[-1]) if dim is None else dim
+            rows = torch.tensor([row for _, row in pairs], dtype=torch.int64)
+            lens[torch.tensor([i for i, _ in pairs], dtype=torch.int64)] = offs[rows + 1] - offs[rows]
+        off = torch.zeros(len(keys) + 1, dtype=torch.int64)
+        off[1:] = lens.cumsum(0)
+        if dim is None:
+            raise PipelineError(f"{self.stage}/{self.key}: no item to read {name!r} from, and no width given")
+        dtype = _torch_dtype(dtype) if dtype is not None else torch.float32
+        flat = torch.empty(int(off[-1]), dim, dtype=dtype)
+        for part, pairs in wanted.items():
+            path, f_ctx = self._open_part(part)
+            with f_ctx as f:
+                full, offs = f.get_tensor(name), part_offs[part]
+                if full.shape[-1] != dim:
+                    raise PipelineError(f"{path}: tensor {name!r} has width {full.shape[-1]}, expected {dim}")
+                for i, row in pairs:
+                    flat[int(off[i]) : int(off[i + 1])] = full[int(offs[row]) : int(offs[row + 1])]
+        return flat, off
 
     def orphans(self) -> list[Path]:
         """Temporary files, tensor files without a committed index, stamps of parts gone, and quarantined parts."""
@@ -505,3 +553,14 @@ class Store:
         size = dir_size(sc.dir)
         shutil.rmtree(sc.dir)
         return size
+
+
+def _torch_dtype(dtype):
+    """A torch dtype from one or safetensors' name of one (``F16``, ``BF16``, ``F32``, ...)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+    return names[str(dtype).upper()]

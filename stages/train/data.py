@@ -195,11 +195,11 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     if missing:
         bad = next(i for i, k in enumerate(skeys) if k in set(missing))
         raise PipelineError(f"record {records[bad]['sample_id']}: sentence features missing or failed in {cache.dir}")
-    got = cache.tensors(uniq, ["word", "sent"])
+    got = cache.tensors(uniq, ["sent"])
     pos = {k: i for i, k in enumerate(uniq)}
     order = [pos[k] for k in skeys]
-    dim = int(got["word"][0].shape[-1])
-    sent = Ragged.from_list([got["word"][i] for i in order], dim)
+    sent = Ragged(*cache.ragged(skeys, "word"))
+    dim = int(sent.flat.shape[-1])
     sent_vec = torch.stack([got["sent"][i] for i in order]).contiguous()
     ents = torch.tensor([[rows[k]["h_start"], rows[k]["h_end"], rows[k]["t_start"], rows[k]["t_end"]] for k in skeys], dtype=torch.int64)
 
@@ -208,12 +208,11 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     cuniq = list(dict.fromkeys(k for k in ckeys if k))
     crow = {r["item_key"]: r for r in cache.rows(cuniq) if r is not None} if cuniq else {}
     cuniq = [k for k in cuniq if k in crow and crow[k]["ok"]]
-    cgot = cache.tensors(cuniq, ["word", "sent"]) if cuniq else {"word": [], "sent": []}
+    cgot = cache.tensors(cuniq, ["sent"]) if cuniq else {"sent": []}
     cpos = {k: i for i, k in enumerate(cuniq)}
-    empty_w = torch.zeros(0, dim, dtype=sent.flat.dtype)
-    empty_v = torch.zeros(dim, dtype=sent.flat.dtype)
+    empty_v = torch.zeros(int(got["sent"][0].shape[-1]), dtype=sent.flat.dtype)
     has_cap = torch.tensor([k is not None and k in cpos for k in ckeys], dtype=torch.bool)
-    cap = Ragged.from_list([cgot["word"][cpos[k]] if h else empty_w for k, h in zip(ckeys, has_cap.tolist())], dim)
+    cap = Ragged(*cache.ragged([k if h else None for k, h in zip(ckeys, has_cap.tolist())], "word", dim, sent.flat.dtype))
     cap_vec = torch.stack([cgot["sent"][cpos[k]] if h else empty_v for k, h in zip(ckeys, has_cap.tolist())]).contiguous()
 
     label = torch.tensor([r["label_id"] for r in records], dtype=torch.int64)
@@ -244,8 +243,7 @@ def build_re_data(settings: Settings, mllm: str, inputs: dict) -> TrainData:
     cap_id = torch.tensor([cpos[k] if h else -1 for k, h in zip(ckeys, has_cap.tolist())], dtype=torch.int64)
     cap_levels = None
     if feats.stage.conf.get("memory") and cuniq:  # each distinct caption's top-layer states, cached by the features
-        levels = cache.tensors(cuniq, ["levels"])["levels"]
-        cap_levels = Ragged.from_list(levels, int(levels[0].shape[-1])).shared(cap_id)
+        cap_levels = Ragged(*cache.ragged(cuniq, "levels")).shared(cap_id)
     return TrainData(settings.task, labels, records, splits, label, sent, sent_vec, ents, cap, cap_vec, has_cap,
                      streams, cache_keys, modalities, len(settings.section("text").get("layers", [-1])),
                      {"text_top": top} if top else {}, model_ids(feats, captions), cap_levels=cap_levels, cap_id=cap_id)

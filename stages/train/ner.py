@@ -211,10 +211,8 @@ def build_ner_data(settings, mllm: str, inputs: dict) -> NerData:
     bad = next((i for i, k in enumerate(keys) if k not in rows or not rows[k]["ok"]), None)
     if bad is not None:
         raise PipelineError(f"record {records[bad]['sample_id']}: token features missing or failed in {cache.dir}")
-    got = cache.tensors(uniq, ["word"])["word"]
-    pos = {k: i for i, k in enumerate(uniq)}
-    dim = int(got[0].shape[-1])
-    sent = Ragged.from_list([got[pos[k]] for k in keys], dim)
+    sent = Ragged(*cache.ragged(keys, "word"))
+    dim = int(sent.flat.shape[-1])
     col = lambda xs: Ragged.from_list([torch.tensor(x, dtype=torch.int64).view(-1, 1) for x in xs], 1)  # noqa: E731
     first = col([rows[k]["word_first"] for k in keys])
     tags = col([r["tag_ids"] for r in records])
@@ -226,9 +224,7 @@ def build_ner_data(settings, mllm: str, inputs: dict) -> NerData:
         cu = list(dict.fromkeys(k for k in ckeys if k))
         crow = {r["item_key"]: r for r in cache.rows(cu) if r is not None and r["ok"]}
         cu = [k for k in cu if k in crow]
-        cg = dict(zip(cu, cache.tensors(cu, ["word"])["word"])) if cu else {}
-        empty = torch.zeros(0, dim, dtype=sent.flat.dtype)
-        cap = Ragged.from_list([cg.get(k, empty) if k else empty for k in ckeys], dim)
+        cap = Ragged(*cache.ragged([k if k in crow else None for k in ckeys], "word", dim, sent.flat.dtype))
     splits: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         splits.setdefault(r["split"], []).append(i)

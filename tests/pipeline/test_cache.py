@@ -8,6 +8,7 @@ import torch
 
 from camim import chain
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.runner import run_stage
 from pipeline.stage import Stage
 from pipeline.store import ItemResult, Store
@@ -119,6 +120,39 @@ def test_parts_roundtrip_ragged_and_bad_items(tmp_path):
     # warm re-run: nothing new, the failure still reported
     _, again = run_stage(Squares(), items, store, batch_size=3)
     assert again.done == 0 and again.cached == 29 and again.failed == 1
+
+
+class Rows(Stage):
+    """Item x: x % 3 + 1 rows of width 2 (x, x), one ragged tensor."""
+
+    name = "rows"
+    ragged = ("seq",)
+
+    def key_config(self):
+        return {"op": "rows"}
+
+    def run(self, batch):
+        return [ItemResult(it["item_key"], row={"x": it["x"]},
+                           tensors={"seq": torch.full((it["x"] % 3 + 1, 2), float(it["x"]), dtype=torch.float16)}) for it in batch]
+
+
+def test_ragged_reads_rows_into_one_flat_tensor_as_the_per_item_tensors_are(tmp_path):
+    store = Store(tmp_path)
+    cache, _ = run_stage(Rows(), [{"item_key": f"k{i}", "x": i} for i in range(20)], store, batch_size=6)  # 4 parts
+    keys = ["k7", None, "k0", "k7", "k19", None, "k12"]  # repeats, gaps, across parts
+    flat, off = cache.ragged(keys, "seq")
+    assert flat.dtype == torch.float16 and flat.shape[1] == 2 and off.tolist()[0] == 0 and len(off) == len(keys) + 1
+    per = cache.tensors([k for k in keys if k], ["seq"])["seq"]
+    want = iter(per)
+    for i, k in enumerate(keys):
+        row = flat[off[i]:off[i + 1]]
+        assert torch.equal(row, next(want)) if k else row.shape[0] == 0
+    empty, off0 = cache.ragged([None, None], "seq", dim=2)
+    assert empty.shape == (0, 2) and off0.tolist() == [0, 0, 0]
+    with pytest.raises(PipelineError, match="item k99 is not in the cache"):
+        cache.ragged(["k1", "k99"], "seq")
+    with pytest.raises(PipelineError, match="no item to read 'seq' from, and no width given"):
+        cache.ragged([None], "seq")
 
 
 def test_uncommitted_files_are_ignored_and_collected(tmp_path):
