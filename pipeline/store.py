@@ -478,17 +478,16 @@ class StageCache:
                     raise PipelineError(f"{path}: no ragged tensor {name!r}")
                 offs = part_offs[part] = f.get_tensor(f"{name}.offsets")
                 if dtype is None or dim is None:
-                    sl = f.get_slice(name)
-                    dtype = sl.get_dtype() if dtype is None else dtype
-                    dim = int(sl.get_shape()[-1]) if dim is None else dim
+                    none = f.get_slice(name)[0:0]  # no rows: the parts' dtype and width
+                    dtype = none.dtype if dtype is None else dtype
+                    dim = int(none.shape[-1]) if dim is None else dim
             rows = torch.tensor([row for _, row in pairs], dtype=torch.int64)
             lens[torch.tensor([i for i, _ in pairs], dtype=torch.int64)] = offs[rows + 1] - offs[rows]
         off = torch.zeros(len(keys) + 1, dtype=torch.int64)
         off[1:] = lens.cumsum(0)
         if dim is None:
             raise PipelineError(f"{self.stage}/{self.key}: no item to read {name!r} from, and no width given")
-        dtype = _torch_dtype(dtype) if dtype is not None else torch.float32
-        flat = torch.empty(int(off[-1]), dim, dtype=dtype)
+        flat = torch.empty(int(off[-1]), dim, dtype=dtype or torch.float32)
         for part, pairs in wanted.items():
             path, f_ctx = self._open_part(part)
             with f_ctx as f:
@@ -554,13 +553,3 @@ class Store:
         shutil.rmtree(sc.dir)
         return size
 
-
-def _torch_dtype(dtype):
-    """A torch dtype from one or safetensors' name of one (``F16``, ``BF16``, ``F32``, ...)."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
-    return names[str(dtype).upper()]

@@ -160,7 +160,7 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
                         f"a run's process ended without a result (killed, perhaps out of memory) while "
                         f"{' or '.join(describe(j) for j in left)} trained; the finished runs are kept and a stopped "
                         f"one resumes from its last epoch. To train the same runs one at a time: --jobs 1 --opt "
-                        f"threads={_threads(tasks)}") from None
+                        f"threads={int(tasks[0][3].get('threads', 1))}") from None
                 if err is not None:
                     raise PipelineError(f"{describe(i)}: {err}")
                 progress(i, wall)
@@ -171,7 +171,3 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
         else:
             _stop(workers)
 
-
-def _threads(tasks: list[tuple]) -> int:
-    """The thread count the runs of ``tasks`` were given (their key holds it)."""
-    return int(tasks[0][3].get("threads", 1)) if tasks and isinstance(tasks[0][3], dict) else 1

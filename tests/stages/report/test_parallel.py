@@ -45,15 +45,22 @@ def test_inputs_that_do_not_pickle_are_told_apart():
 
 
 _KILLED_REPORT = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
 from stages.report.parallel import pool
 
+
+def hold(path):
+    print(os.getpid(), file=open(path, "a"), flush=True)  # started: its initializer has run
+    time.sleep(600)
+
+
 if __name__ == "__main__":
     workers = pool(2)
-    results = [workers.submit(time.sleep, 600) for _ in range(2)]
-    time.sleep(0.5)
-    print(" ".join(str(pid) for pid in workers._processes), flush=True)
+    results = [workers.submit(hold, {pids!r}) for _ in range(2)]
+    while not os.path.exists({pids!r}) or len(open({pids!r}).read().split()) < 2:
+        time.sleep(0.05)
+    print(" ".join(open({pids!r}).read().split()), flush=True)
     time.sleep(600)
 """
 
@@ -76,7 +83,7 @@ def test_a_killed_report_takes_its_runs_processes_with_it(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "report.py"
-    script.write_text(_KILLED_REPORT.format(root=str(Path(parallel.__file__).resolve().parents[2])))
+    script.write_text(_KILLED_REPORT.format(root=str(Path(parallel.__file__).resolve().parents[2]), pids=str(tmp_path / "pids")))
     report = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     children: list[int] = []
     try:
@@ -108,7 +115,8 @@ def work(task):
     i = task[0]
     print(os.getpid(), file=open({pids!r}, "a"), flush=True)
     if i == 1:
-        time.sleep(1)
+        while len(open({pids!r}).read().split()) < 2:  # run 0 has started too
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
     time.sleep(600)
     return i, 0.0, None
