@@ -375,14 +375,16 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
                             "not a path: choose the folder with --reports-dir (REPORTS_DIR)")
     from stages.train.trainer import finished_run
 
-    from .parallel import report_jobs, train_side_by_side
+    from stages.train.data import tensor_bytes
+
+    from .parallel import available_memory, report_jobs, run_memory, train_side_by_side
 
     jobs, job_threads, where = report_jobs(settings, conf, jobs)
     side = {"threads": job_threads} if jobs > 1 else {}  # side by side: each run on its share of the cores
     rows = []
     runs_by: dict[tuple[str, str], list] = {}
     planned: dict[tuple[str, str], tuple] = {}  # side by side: (modalities, [(out_dir, key)]) per source and head
-    tasks, names = [], []
+    tasks, names, memory = [], [], []  # side by side: each queued run, its name and its planned memory
     n_records, labels = 0, []
     total, done, trained = len(sources) * len(heads) * len(seeds), 0, []
     if side:
@@ -397,6 +399,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
             if side:  # the runs not finished yet go to the pool (or train here); all are read back below
                 planned[(src, head)] = (data.modalities, _plan_side(settings, src, head, seeds, over, data, inputs, job_threads,
                                                                     quiet_runs, tasks, names, trained, len(heads) > 1))
+                memory += [run_memory(tensor_bytes(data))] * (len(tasks) - len(memory))
                 del data
                 continue
             runs = []
@@ -422,7 +425,12 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
             trained.append(wall)
             print(f"{names[i]}: trained in {wall / 60:.1f} min; " + progress_line(done, total, trained, time.perf_counter() - t0, jobs))
 
-        train_side_by_side(tasks, jobs, lambda i: names[i], ended)
+        budget = available_memory()
+        if tasks and jobs > 1 and max(memory) * min(jobs, len(tasks)) > budget:
+            print(f"report: a run is planned to take up to {max(memory) / 2**30:.1f} GB and {budget / 2**30:.1f} GB is free, "
+                  f"so fewer than {jobs} may train at once (on {job_threads} thread(s) each all the same: the same runs)")
+        train_side_by_side(tasks, jobs, lambda i: names[i], ended, memory=memory,
+                           groups=[(t[1], t[3].get("head")) for t in tasks], budget=budget)
         for (src, head), (modalities, plans) in planned.items():
             runs = [finished_run(out_dir, key) for out_dir, key in plans]
             if any(r is None for r in runs):

@@ -11,6 +11,12 @@ Each run trains in a process of its own (``spawn``), from the upstream outputs t
 resolved (nothing upstream runs again, no caption API is called again), under the run's own
 lock; a process that outlives the report is killed with it (``PR_SET_PDEATHSIG``), and what a
 killed run had finished (its last epoch's checkpoint) is resumed by the next report.
+
+How many of those processes train *at once* also follows each run's memory: a run starts only while
+the runs training and it fit in the memory available when the pool started (:func:`run_memory`, from
+the data it loads; once a run of a source has finished, its measured peak stands for that source's
+other runs).  That never changes a run's thread count, so never its key: on a machine with little
+memory, or with big data, fewer runs train side by side, on the same threads each.
 """
 
 from __future__ import annotations
@@ -20,9 +26,20 @@ import time
 
 from pipeline.errors import PipelineError
 
-#: the resident memory one run may take: 5.8 GB was measured for a run of the full MNRE with Qwen's
-#: captions (the cached caption states of memory reading are most of it)
+#: the resident memory one run may take, for the machine-only count of ``auto`` (the slots, and so the
+#: threads of each run): 5.7-6.6 GB was measured for a run of the full MNRE with Qwen's captions
 RUN_MEMORY = 6 << 30
+#: a run's peak resident memory is about RUN_BASE + RUN_PER_DATA x the bytes of its data
+#: (:func:`stages.train.data.tensor_bytes`).  Measured on the full MNRE (MiniLM, memory reading, one
+#: thread, an AMD EPYC): text only 3.5 GB with 0.43 GB of data; a caption run 5.7-6.6 GB with 2.30 GB
+#: (the optimizer, the oneDNN kernel cache and the batches' activations are most of the base)
+RUN_BASE = 3 << 30
+RUN_PER_DATA = 1.6
+
+
+def run_memory(data_bytes: int) -> int:
+    """The memory a run whose data holds ``data_bytes`` is planned to take (see RUN_BASE)."""
+    return RUN_BASE + int(RUN_PER_DATA * data_bytes)
 
 
 def cores() -> int:
@@ -32,15 +49,47 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def total_memory() -> int:
+def _meminfo(field: str) -> int | None:
+    """A ``/proc/meminfo`` figure in bytes (None where there is none)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return RUN_MEMORY
+    return None
+
+
+def total_memory() -> int:
+    return _meminfo("MemTotal") or RUN_MEMORY
+
+
+def available_memory() -> int:
+    """The memory free for new processes now (``MemAvailable``; else the total)."""
+    return _meminfo("MemAvailable") or total_memory()
+
+
+def peak_memory() -> int | None:
+    """This process's peak resident memory since the last :func:`reset_peak` (Linux ``VmHWM``), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> None:
+    """Start this process's peak resident memory again from what it holds now (Linux: ``clear_refs`` 5),
+    so a pool worker's peak is that of the run it trains, not of one before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def jobs_and_threads(value, device_type: str, threads: int, where: str = "[report] jobs") -> tuple[int, int]:
@@ -121,41 +170,54 @@ def _stop(workers) -> None:
 
 
 def _train(task: tuple) -> tuple:
-    """One run in a worker: ``(index, settings, source, seed, overrides, inputs)`` -> ``(index, wall_s, error)``."""
+    """One run in a worker: ``(index, settings, source, seed, overrides, inputs)`` ->
+    ``(index, wall_s, error, peak resident bytes of the run)``."""
     i, settings, src, seed, over, inputs = task
     from stages.train.trainer import train_one
 
+    reset_peak()
     t = time.perf_counter()
     try:
         train_one(settings, src, seed, over, inputs=inputs, quiet=True)
     except PipelineError as exc:
-        return i, time.perf_counter() - t, str(exc)
-    return i, time.perf_counter() - t, None
+        return i, time.perf_counter() - t, str(exc), peak_memory()
+    return i, time.perf_counter() - t, None, peak_memory()
 
 
-def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_train) -> None:
+def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_train,
+                       memory: list[int] | None = None, groups: list | None = None, budget: int | None = None) -> None:
     """Train ``tasks`` (``(settings, source, seed, overrides, inputs)``, each a run not yet finished) in
-    ``jobs`` processes, each task through ``work((index, *task))`` -> ``(index, wall_s, error)``.
+    ``jobs`` processes, each task through ``work((index, *task))`` -> ``(index, wall_s, error, peak bytes)``.
     ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.  The first error, or
-    a process that dies, stops the rest (finished runs stay; a stopped one resumes from its last epoch)."""
+    a process that dies, stops the rest (finished runs stay; a stopped one resumes from its last epoch).
+
+    ``memory``: each task's planned bytes; tasks then start in order while those training and the next
+    fit in ``budget`` (default: the memory available now), one at least.  ``groups``: tasks of one group
+    (one source's data) take the largest peak measured so far in the group as their plan."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
     if not tasks:
         return
     n = min(jobs, len(tasks))
+    plan = list(memory) if memory is not None else [0] * len(tasks)
+    budget = available_memory() if memory is not None and budget is None else budget or 0
+    peaks: dict = {}
     workers = pool(n)
     ended = False
     try:
-        todo = {workers.submit(work, (i, *t)): i for i, t in enumerate(tasks)}
-        while todo:
-            finished, _ = wait(todo, return_when=FIRST_COMPLETED)
-            for f in sorted(finished, key=todo.get):
-                i = todo.pop(f)
+        todo, running = list(range(len(tasks))), {}
+        while todo or running:
+            while todo and len(running) < n and (not running or sum(plan[j] for j in running.values()) + plan[todo[0]] <= budget):
+                i = todo.pop(0)
+                running[workers.submit(work, (i, *tasks[i]))] = i
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in sorted(finished, key=running.get):
+                i = running.pop(f)
                 try:
-                    _, wall, err = f.result()
+                    _, wall, err, peak = f.result()
                 except BrokenProcessPool:
-                    left = sorted([i, *todo.values()])[:n]  # the pool runs the tasks in order: these were training
+                    left = sorted([i, *running.values()])
                     raise PipelineError(
                         f"a run's process ended without a result (killed, perhaps out of memory) while "
                         f"{' or '.join(describe(j) for j in left)} trained; the finished runs are kept and a stopped "
@@ -163,6 +225,12 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
                         f"threads={int(tasks[0][3].get('threads', 1))}") from None
                 if err is not None:
                     raise PipelineError(f"{describe(i)}: {err}")
+                if peak and groups is not None:
+                    g = groups[i]
+                    peaks[g] = max(peaks.get(g, 0), peak)
+                    for j in todo:
+                        if groups[j] == g:
+                            plan[j] = peaks[g]
                 progress(i, wall)
         ended = True
     finally:
@@ -170,4 +238,3 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
             workers.shutdown(wait=True)
         else:
             _stop(workers)
-

@@ -20,6 +20,30 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("camim")
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor reachable from ``obj`` (dataclasses, dicts, lists, tuples), each
+    storage counted once (records that share a caption share its rows): what a run's data holds."""
+    import dataclasses
+
+    seen: set[int] = set()
+    total = 0
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            todo.extend(getattr(o, f.name) for f in dataclasses.fields(o))
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(v for v in o if isinstance(v, (torch.Tensor, dict, list, tuple)) or dataclasses.is_dataclass(v))
+    return total
+
+
 @dataclass
 class Ragged:
     """Variable-length rows kept flat: row i is ``flat[off[i]:off[i+1]]``.  With ``index``, row i

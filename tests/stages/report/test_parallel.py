@@ -119,7 +119,7 @@ def work(task):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
     time.sleep(600)
-    return i, 0.0, None
+    return i, 0.0, None, None
 
 
 if __name__ == "__main__":
@@ -143,3 +143,55 @@ def test_a_run_whose_process_dies_stops_the_report_with_its_name_and_kills_the_r
     assert "--jobs 1 --opt threads=1" in out and "progress" not in out
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) == 2 and not any(_alive(p) for p in started)  # run 0, asleep, was killed: no orphan trains on
+
+
+_MEMORY_PLAN = """
+import sys, time
+sys.path.insert(0, {root!r})
+from stages.report.parallel import train_side_by_side
+
+
+def work(task):
+    i = task[0]
+    print("start", i, file=open({log!r}, "a"), flush=True)
+    time.sleep(1.0)
+    print("end", i, file=open({log!r}, "a"), flush=True)
+    return i, 1.0, None, 3 << 30 if i == 0 else None  # run 0 measures 3 GiB: less than it was planned
+
+
+if __name__ == "__main__":
+    tasks = [(None, src, 1, {{"threads": 1}}, {{}}) for src in ("a", "a", "b")]
+    groups = [t[1] for t in tasks] if {measured!r} else None
+    train_side_by_side(tasks, 2, str, lambda i, wall: None, work=work, memory=[6 << 30] * 3, groups=groups, budget=10 << 30)
+"""
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_runs_start_only_as_memory_allows_and_a_measured_peak_replaces_the_plan(tmp_path, measured):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, log = tmp_path / "report.py", tmp_path / "log"
+    script.write_text(_MEMORY_PLAN.format(root=str(Path(parallel.__file__).resolve().parents[2]), log=str(log), measured=measured))
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    events = log.read_text().split("\n")[:-1]
+    # two slots, but two planned 6 GiB runs do not fit in 10 GiB: one at a time ...
+    assert events[:3] == ["start 0", "end 0", "start 1"]
+    if measured:  # ... until run 0 of source a measured 3 GiB: a's next run (3) and b's (6) fit together
+        assert events[3] == "start 2"
+    else:
+        assert events[3:] == ["end 1", "start 2", "end 2"]
+
+
+def test_a_runs_data_bytes_count_each_storage_once():
+    import torch
+
+    from stages.train.data import Ragged, tensor_bytes
+
+    flat = torch.zeros(10, 4, dtype=torch.float16)
+    rag = Ragged(flat, torch.tensor([0, 4, 10]))
+    shared = rag.shared(torch.tensor([0, 0, 1, -1]))  # four records read two stored rows
+    got = tensor_bytes({"a": rag, "b": [shared, (torch.zeros(3, dtype=torch.int64), "text")], "n": 3})
+    # the flat rows once (80), both offsets (3 and 4 int64), the index (4) and the int64 tensor (3); no int
+    assert got == 10 * 4 * 2 + (3 + 4 + 4 + 3) * 8
