@@ -325,9 +325,10 @@ def run_label(src: str, seed: int, head: str, several_heads: bool) -> str:
 
 
 def _plan_side(settings: Settings, src: str, head: str, seeds: list[int], over: dict, data, inputs: dict, threads: int,
-               quiet: bool, tasks: list, names: list, trained: list, several_heads: bool) -> list[tuple]:
-    """Side by side: every seed's ``(run folder, key)``; each unfinished run is queued in ``tasks`` (named
-    in ``names``), or, when the source's upstream outputs cannot go to another process, trained here."""
+               quiet: bool, tasks: list, names: list, trained: list, several_heads: bool) -> tuple[list[tuple], int | None]:
+    """Side by side: every seed's ``(run folder, key)``, and the largest peak memory its finished runs
+    measured (None: none did); each unfinished run is queued in ``tasks`` (named in ``names``), or, when
+    the source's upstream outputs cannot go to another process, trained here."""
     from stages.train.trainer import finished_run, plan_run, train_one, train_options
 
     from .parallel import can_send
@@ -336,11 +337,13 @@ def _plan_side(settings: Settings, src: str, head: str, seeds: list[int], over: 
     if not sendable:
         print(f"report: {src}: its upstream outputs cannot be sent to another process; its runs train here, "
               f"one after the other, on {threads} thread(s) each (the same runs)")
-    conf, plans = train_options(settings, over), []
+    conf, plans, peak = train_options(settings, over), [], None
     for seed in seeds:
         _, key, out_dir = plan_run(settings, data, src, seed, conf)
         plans.append((out_dir, key))
-        if finished_run(out_dir, key) is not None:
+        if (done := finished_run(out_dir, key)) is not None:
+            if done.metrics.get("peak_memory_bytes"):
+                peak = max(peak or 0, int(done.metrics["peak_memory_bytes"]))
             continue
         name = f"report: run {run_label(src, seed, head, several_heads)}"
         if sendable:
@@ -351,7 +354,7 @@ def _plan_side(settings: Settings, src: str, head: str, seeds: list[int], over: 
             train_one(settings, src, seed, over, data=data, quiet=quiet)
             trained.append(time.perf_counter() - t_run)
             print(f"{name}: trained in {trained[-1] / 60:.1f} min")
-    return plans
+    return plans, peak
 
 
 def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int] | None = None,
@@ -397,9 +400,10 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
             data = load_data(settings, src, head, inputs)
             n_records, labels = len(data.records), data.labels
             if side:  # the runs not finished yet go to the pool (or train here); all are read back below
-                planned[(src, head)] = (data.modalities, _plan_side(settings, src, head, seeds, over, data, inputs, job_threads,
-                                                                    quiet_runs, tasks, names, trained, len(heads) > 1))
-                memory += [run_memory(tensor_bytes(data))] * (len(tasks) - len(memory))
+                plans, peak = _plan_side(settings, src, head, seeds, over, data, inputs, job_threads, quiet_runs, tasks,
+                                         names, trained, len(heads) > 1)
+                planned[(src, head)] = (data.modalities, plans)
+                memory += [peak or run_memory(tensor_bytes(data))] * (len(tasks) - len(memory))  # measured, else planned
                 del data
                 continue
             runs = []

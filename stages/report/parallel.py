@@ -14,8 +14,8 @@ killed run had finished (its last epoch's checkpoint) is resumed by the next rep
 
 How many of those processes train *at once* also follows each run's memory: a run starts only while
 the runs training and it fit in the memory available when the pool started (:func:`run_memory`, from
-the data it loads; once a run of a source has finished, its measured peak stands for that source's
-other runs).  That never changes a run's thread count, so never its key: on a machine with little
+the data it loads; once a run of a source has finished, its measured peak, kept in its
+``metrics.json``, stands for that source's other runs).  That never changes a run's thread count, so never its key: on a machine with little
 memory, or with big data, fewer runs train side by side, on the same threads each.
 """
 
@@ -25,6 +25,7 @@ import os
 import time
 
 from pipeline.errors import PipelineError
+from pipeline.memory import meminfo
 
 #: the resident memory one run may take, for the machine-only count of ``auto`` (the slots, and so the
 #: threads of each run): 5.7-6.6 GB was measured for a run of the full MNRE with Qwen's captions
@@ -49,47 +50,13 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _meminfo(field: str) -> int | None:
-    """A ``/proc/meminfo`` figure in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def total_memory() -> int:
-    return _meminfo("MemTotal") or RUN_MEMORY
+    return meminfo("MemTotal") or RUN_MEMORY
 
 
 def available_memory() -> int:
     """The memory free for new processes now (``MemAvailable``; else the total)."""
-    return _meminfo("MemAvailable") or total_memory()
-
-
-def peak_memory() -> int | None:
-    """This process's peak resident memory since the last :func:`reset_peak` (Linux ``VmHWM``), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> None:
-    """Start this process's peak resident memory again from what it holds now (Linux: ``clear_refs`` 5),
-    so a pool worker's peak is that of the run it trains, not of one before it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    return meminfo("MemAvailable") or total_memory()
 
 
 def jobs_and_threads(value, device_type: str, threads: int, where: str = "[report] jobs") -> tuple[int, int]:
@@ -175,13 +142,27 @@ def _train(task: tuple) -> tuple:
     i, settings, src, seed, over, inputs = task
     from stages.train.trainer import train_one
 
-    reset_peak()
     t = time.perf_counter()
     try:
-        train_one(settings, src, seed, over, inputs=inputs, quiet=True)
+        run = train_one(settings, src, seed, over, inputs=inputs, quiet=True)
     except PipelineError as exc:
-        return i, time.perf_counter() - t, str(exc), peak_memory()
-    return i, time.perf_counter() - t, None, peak_memory()
+        return i, time.perf_counter() - t, str(exc), None
+    return i, time.perf_counter() - t, None, run.metrics.get("peak_memory_bytes")
+
+
+def _a_worker_died(workers) -> bool:
+    """Whether a pool process has ended.  The executor misses one it started on a later ``submit``
+    (CPython 3.11: the manager thread is woken before the process exists, so it waits on the older
+    processes only): the report would wait for that run forever."""
+    return any(p.exitcode is not None for p in list((getattr(workers, "_processes", None) or {}).values()))
+
+
+def _died(describe, training, tasks) -> PipelineError:
+    return PipelineError(
+        f"a run's process ended without a result (killed, perhaps out of memory) while "
+        f"{' or '.join(describe(j) for j in sorted(training))} trained; the finished runs are kept and a stopped "
+        f"one resumes from its last epoch. To train the same runs one at a time: --jobs 1 --opt "
+        f"threads={int(tasks[0][3].get('threads', 1))}")
 
 
 def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_train,
@@ -211,18 +192,15 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
             while todo and len(running) < n and (not running or sum(plan[j] for j in running.values()) + plan[todo[0]] <= budget):
                 i = todo.pop(0)
                 running[workers.submit(work, (i, *tasks[i]))] = i
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            if not finished and _a_worker_died(workers):  # the executor may not see it (below)
+                raise _died(describe, running.values(), tasks)
             for f in sorted(finished, key=running.get):
                 i = running.pop(f)
                 try:
                     _, wall, err, peak = f.result()
                 except BrokenProcessPool:
-                    left = sorted([i, *running.values()])
-                    raise PipelineError(
-                        f"a run's process ended without a result (killed, perhaps out of memory) while "
-                        f"{' or '.join(describe(j) for j in left)} trained; the finished runs are kept and a stopped "
-                        f"one resumes from its last epoch. To train the same runs one at a time: --jobs 1 --opt "
-                        f"threads={int(tasks[0][3].get('threads', 1))}") from None
+                    raise _died(describe, [i, *running.values()], tasks) from None
                 if err is not None:
                     raise PipelineError(f"{describe(i)}: {err}")
                 if peak and groups is not None:

@@ -33,6 +33,7 @@ import torch
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.hashing import key_of
+from pipeline.memory import peak_memory, reset_peak
 from pipeline.store import atomic_write_json, atomic_write_table
 
 from . import DATASETS, HEADS
@@ -446,6 +447,7 @@ def _fit(settings: Settings, data, mllm: str, seed: int, conf: dict, config: dic
     if int(conf["threads"]) > 0:
         torch.set_num_threads(int(conf["threads"]))
     seed_all(seed)
+    reset_peak()  # the run's peak memory from here: its data (held already) and its training
     model = head_cls(data.dims, len(data.labels), {k: v for k, v in conf.items() if k not in TRAINER_KEYS})
     if hasattr(model, "load_pretrained") and getattr(data, "pretrained", None):
         model.load_pretrained(data.pretrained)  # e.g. the cached top layers (still nothing but the cache)
@@ -561,6 +563,9 @@ def _fit(settings: Settings, data, mllm: str, seed: int, conf: dict, config: dic
         "amp": str(amp).replace("torch.", "") if amp else "fp32",
         "train_samples_per_s": n_seen / train_seconds if train_seconds else 0.0,
         "wall_s": wall,
+        # the process's peak resident memory while this run trained (a resumed run: its last part);
+        # the report plans how many runs fit side by side from it
+        "peak_memory_bytes": peak_memory(),
     }
     from safetensors.torch import save_file
 

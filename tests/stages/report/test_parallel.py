@@ -195,3 +195,26 @@ def test_a_runs_data_bytes_count_each_storage_once():
     got = tensor_bytes({"a": rag, "b": [shared, (torch.zeros(3, dtype=torch.int64), "text")], "n": 3})
     # the flat rows once (80), both offsets (3 and 4 int64), the index (4) and the int64 tensor (3); no int
     assert got == 10 * 4 * 2 + (3 + 4 + 4 + 3) * 8
+
+
+def test_a_run_keeps_its_peak_memory_and_the_report_plans_its_sources_other_runs_from_it(tmp_path, small_source, monkeypatch):
+    import json
+
+    from camim.graph import inputs_for
+    from pipeline.config import Settings
+    from pipeline.memory import peak_memory
+    from stages.report import _plan_side
+    from stages.train.trainer import load_data, train_one
+
+    if peak_memory() is None:
+        pytest.skip("no /proc/self/status here")
+    s = Settings(cache_dir=tmp_path / "c", runs_dir=tmp_path / "r", source=str(small_source), mllm="none")
+    inputs = inputs_for(s, "none")
+    data = load_data(s, "none", "cam", inputs)
+    over = {"epochs": 1, "head": "cam", "threads": 1}
+    run = train_one(s, "none", 1, over, data=data, quiet=True)
+    peak = json.loads((run.dir / "metrics.json").read_text())["peak_memory_bytes"]
+    assert 50 << 20 < peak <= peak_memory()  # torch and the run's data at least; no more than this process's own peak
+    tasks, names = [], []
+    plans, planned = _plan_side(s, "none", "cam", [1, 2], over, data, inputs, 1, True, tasks, names, [], False)
+    assert planned == peak and [t[2] for t in tasks] == [2] and len(plans) == 2  # seed 1 is reused, seed 2 queued
