@@ -50,6 +50,8 @@ def summarise(source: str, runs: list, modalities: dict) -> dict:
         for c in COLS:
             row[f"{split}_{c}"] = _ms([r.metrics[split][c] for r in runs if split in r.metrics])
     row["train_s"] = _ms([float(r.metrics.get("wall_s", 0.0)) for r in runs])  # what one run of this source costs
+    peaks = [int(r.metrics["peak_memory_bytes"]) for r in runs if r.metrics.get("peak_memory_bytes")]
+    row["peak_memory_bytes"] = max(peaks) if peaks else None  # the most one run took (runs before it was kept: none)
     labels = list(runs[0].metrics["test"]["per_label"]) if runs and "test" in runs[0].metrics else []
     row["per_label_f1"] = {lab: _ms([r.metrics["test"]["per_label"][lab]["f1"] for r in runs])[0] for lab in labels}
     row["support"] = {lab: runs[0].metrics["test"]["per_label"][lab]["support"] for lab in labels}
@@ -81,13 +83,13 @@ def sig_cells(sig: dict | None) -> list[str]:
 
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["MLLM", "CapLen", "Acc", "P", "R", "F1", "ΔF1 vs none", "95% CI", "p", "p (Holm)", "significant",
-            "detectable", "val F1", "min/run"]
+            "detectable", "val F1", "min/run", "GB/run"]
     out = []
     for r in rows:
         cap = f"{r['caplen']:.1f}" if r["captions"] else "-"
         out.append([r["name"], cap, pct(r["test_acc"]), pct(r["test_precision"]), pct(r["test_recall"]),
                     pct(r["test_f1"]), *sig_cells(r.get("significance")), pct(r["val_f1"]),
-                    f"{r['train_s'][0] / 60:.1f}"])
+                    f"{r['train_s'][0] / 60:.1f}", f"{r['peak_memory_bytes'] / 1e9:.1f}" if r.get("peak_memory_bytes") else "-"])
     return head, out
 
 
@@ -177,7 +179,7 @@ def training_line(meta: dict) -> str:
     """What the report's runs cost: every run's own wall time, reused ones included, against the
     time this report took (a report that reuses finished runs takes seconds)."""
     return (f"Training: {meta['runs']} run(s), {meta['runs_wall_s'] / 3600:.2f} h of run time in all ({meta['runs_reused']} reused from earlier reports or "
-            f"`camim train`; min/run = the mean wall time of one run of that source); this report took "
+            f"`camim train`; min/run = the mean wall time of one run of that source, GB/run the largest peak memory of one); this report took "
             f"{meta['wall_s'] / 60:.1f} min.")
 
 

@@ -32,8 +32,9 @@ from pipeline.memory import meminfo
 RUN_MEMORY = 6 << 30
 #: a run's peak resident memory is about RUN_BASE + RUN_PER_DATA x the bytes of its data
 #: (:func:`stages.train.data.tensor_bytes`).  Measured on the full MNRE (MiniLM, memory reading, one
-#: thread, an AMD EPYC): text only 3.5 GB with 0.43 GB of data; a caption run 5.7-6.6 GB with 2.30 GB
-#: (the optimizer, the oneDNN kernel cache and the batches' activations are most of the base)
+#: thread, an AMD EPYC): text only, 0.43 GB of data, 3.9 GB over one epoch (planned 3.9) and 3.5 GB
+#: over four; with Qwen's captions, 2.30 GB of data, 6.1 GB over one epoch (planned 6.9) and 5.7-6.6 GB
+#: over four (the optimizer, the oneDNN kernel cache and the batches' activations are most of the base)
 RUN_BASE = 3 << 30
 RUN_PER_DATA = 1.6
 

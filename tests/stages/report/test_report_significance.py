@@ -107,7 +107,10 @@ def test_the_report_gives_each_sources_run_time_and_the_total_including_reused_r
     row = summarise("imported:qwen", [run(1, 600.0), run(2, 1200.0)], {"captions": 10, "caption_len_words": 9.0})
     assert row["train_s"][0] == 900.0
     head, body = table_rows([row])
-    assert head[-1] == "min/run" and body[0][-1] == "15.0"
+    assert head[-2:] == ["min/run", "GB/run"] and body[0][-2:] == ["15.0", "-"]  # runs that kept no peak memory
+    kept = run(3, 900.0)
+    kept.metrics["peak_memory_bytes"] = 6.4e9
+    assert table_rows([summarise("imported:qwen", [run(1, 600.0), kept], {"captions": 10})])[1][0][-1] == "6.4"
     line = training_line({"runs": 2, "runs_reused": 2, "runs_wall_s": 1800.0, "wall_s": 30.0})
     assert line.startswith("Training: 2 run(s), 0.50 h of run time in all (2 reused") and line.endswith("this report took 0.5 min.")
 
