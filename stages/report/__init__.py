@@ -378,9 +378,8 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
     if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
         raise PipelineError(f"report name {name!r} (--name / REPORT / [report] name) is a file name under the reports folder, "
                             "not a path: choose the folder with --reports-dir (REPORTS_DIR)")
-    from stages.train.trainer import finished_run
-
     from stages.train.data import tensor_bytes
+    from stages.train.trainer import finished_run
 
     from .parallel import available_memory, report_jobs, run_memory, train_side_by_side
 
