@@ -218,3 +218,20 @@ def test_a_run_keeps_its_peak_memory_and_the_report_plans_its_sources_other_runs
     tasks, names = [], []
     plans, planned = _plan_side(s, "none", "cam", [1, 2], over, data, inputs, 1, True, tasks, names, [], False)
     assert planned == peak and [t[2] for t in tasks] == [2] and len(plans) == 2  # seed 1 is reused, seed 2 queued
+
+
+def test_a_report_short_of_memory_says_so_and_still_trains_every_run(tmp_path, small_source, monkeypatch, capsys):
+    import json
+
+    from camim.graph import resolver
+    from pipeline.config import Settings
+    from stages.report import run_report
+
+    monkeypatch.setattr(parallel, "available_memory", lambda: 1 << 30)  # less than one run's plan: one at a time
+    s = Settings(cache_dir=tmp_path / "c", runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep", source=str(small_source))
+    srcs = ["none", "imported:qwen"]
+    run_report(s, srcs, resolver(s, srcs), seeds=[1], overrides={"epochs": 1}, quiet_runs=True, jobs=2)
+    out = capsys.readouterr().out
+    assert "GB is free, so fewer than 2 may train at once (on 1 thread(s) each all the same: the same runs)" in out
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*/metrics.json")]
+    assert sorted(m["mllm"] for m in runs) == sorted(srcs) and all(m["peak_memory_bytes"] > 0 for m in runs)
