@@ -432,7 +432,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
 
         budget = available_memory()
         if tasks and jobs > 1 and max(memory) * min(jobs, len(tasks)) > budget:
-            print(f"report: a run is planned to take up to {max(memory) / 2**30:.1f} GB and {budget / 2**30:.1f} GB is free, "
+            print(f"report: a run is planned to take up to {max(memory) / 1e9:.1f} GB and {budget / 1e9:.1f} GB is free, "
                   f"so fewer than {jobs} may train at once (on {job_threads} thread(s) each all the same: the same runs)")
         train_side_by_side(tasks, jobs, lambda i: names[i], ended, memory=memory,
                            groups=[(t[1], t[3].get("head")) for t in tasks], budget=budget)

@@ -15,8 +15,9 @@ killed run had finished (its last epoch's checkpoint) is resumed by the next rep
 How many of those processes train *at once* also follows each run's memory: a run starts only while
 the runs training and it fit in the memory available when the pool started (:func:`run_memory`, from
 the data it loads; once a run of a source has finished, its measured peak, kept in its
-``metrics.json``, stands for that source's other runs).  That never changes a run's thread count, so never its key: on a machine with little
-memory, or with big data, fewer runs train side by side, on the same threads each.
+``metrics.json``, stands for that source's other runs).  That never changes a run's thread count,
+so never its key: on a machine with little memory, or with big data, fewer runs train side by
+side, on the same threads each.
 """
 
 from __future__ import annotations
