@@ -32,12 +32,13 @@ from pipeline.memory import meminfo
 #: threads of each run): 5.7-6.6 GB was measured for a run of the full MNRE with Qwen's captions
 RUN_MEMORY = 6 << 30
 #: a run's peak resident memory is about RUN_BASE + RUN_PER_DATA x the bytes of its data
-#: (:func:`stages.train.data.tensor_bytes`).  Measured on the full MNRE (MiniLM, memory reading, one
-#: thread, an AMD EPYC): text only, 0.43 GB of data, 3.9 GB over one epoch (planned 3.9) and 3.5 GB
-#: over four; with Qwen's captions, 2.30 GB of data, 6.1 GB over one epoch (planned 6.9) and 5.7-6.6 GB
-#: over four (the optimizer, the oneDNN kernel cache and the batches' activations are most of the base)
-RUN_BASE = 3 << 30
-RUN_PER_DATA = 1.6
+#: (:func:`stages.train.data.tensor_bytes`).  Measured on the full MNRE (MiniLM, memory reading, 4
+#: epochs, one thread, two side by side, an AMD EPYC; ``peak_memory_bytes``): text only, 0.43 GB of
+#: data, 4.03 GB (planned 4.11); with Qwen's captions, 2.30 GB of data, 6.29 GB (planned 6.71); a
+#: MiniCPM run, 2.38 GB of data, about 6.6 GB RSS (planned 6.83).  The optimizer, the oneDNN kernel
+#: cache and the batches' activations are most of the base.
+RUN_BASE = 3_500_000_000
+RUN_PER_DATA = 1.4
 
 
 def run_memory(data_bytes: int) -> int:
