@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-def meminfo(field: str) -> int | None:
-    """A ``/proc/meminfo`` figure (``MemTotal``, ``MemAvailable``) in bytes."""
+def _proc_kb(path: str, field: str) -> int | None:
+    """The ``<field>: <n> kB`` line of a ``/proc`` file, in bytes."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -15,16 +15,14 @@ def meminfo(field: str) -> int | None:
     return None
 
 
+def meminfo(field: str) -> int | None:
+    """A ``/proc/meminfo`` figure (``MemTotal``, ``MemAvailable``) in bytes."""
+    return _proc_kb("/proc/meminfo", field)
+
+
 def peak_memory() -> int | None:
     """This process's peak resident memory since it started or the last :func:`reset_peak` (``VmHWM``), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kb("/proc/self/status", "VmHWM")
 
 
 def reset_peak() -> None:

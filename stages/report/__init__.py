@@ -434,8 +434,7 @@ def run_report(settings: Settings, sources: list[str], resolve, seeds: list[int]
         if tasks and jobs > 1 and max(memory) * min(jobs, len(tasks)) > budget:
             print(f"report: a run is planned to take up to {max(memory) / 1e9:.1f} GB and {budget / 1e9:.1f} GB is free, "
                   f"so fewer than {jobs} may train at once (on {job_threads} thread(s) each all the same: the same runs)")
-        train_side_by_side(tasks, jobs, lambda i: names[i], ended, memory=memory,
-                           groups=[(t[1], t[3].get("head")) for t in tasks], budget=budget)
+        train_side_by_side(tasks, jobs, lambda i: names[i], ended, memory=memory, budget=budget)
         for (src, head), (modalities, plans) in planned.items():
             runs = [finished_run(out_dir, key) for out_dir, key in plans]
             if any(r is None for r in runs):

@@ -169,15 +169,15 @@ def _died(describe, training, tasks) -> PipelineError:
 
 
 def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_train,
-                       memory: list[int] | None = None, groups: list | None = None, budget: int | None = None) -> None:
+                       memory: list[int] | None = None, budget: int | None = None) -> None:
     """Train ``tasks`` (``(settings, source, seed, overrides, inputs)``, each a run not yet finished) in
     ``jobs`` processes, each task through ``work((index, *task))`` -> ``(index, wall_s, error, peak bytes)``.
     ``describe(i)`` names task ``i``; ``progress(i, wall_s)`` is told as each ends.  The first error, or
     a process that dies, stops the rest (finished runs stay; a stopped one resumes from its last epoch).
 
     ``memory``: each task's planned bytes; tasks then start in order while those training and the next
-    fit in ``budget`` (default: the memory available now), one at least.  ``groups``: tasks of one group
-    (one source's data) take the largest peak measured so far in the group as their plan."""
+    fit in ``budget`` (default: the memory available now), one at least.  The tasks of one source and
+    head (one data) then take the largest peak measured so far among them as their plan."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -185,7 +185,9 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
         return
     n = min(jobs, len(tasks))
     plan = list(memory) if memory is not None else [0] * len(tasks)
-    budget = available_memory() if memory is not None and budget is None else budget or 0
+    if budget is None:
+        budget = available_memory() if memory is not None else 0
+    group = [(t[1], t[3].get("head")) for t in tasks]
     peaks: dict = {}
     workers = pool(n)
     ended = False
@@ -206,11 +208,11 @@ def train_side_by_side(tasks: list[tuple], jobs: int, describe, progress, work=_
                     raise _died(describe, [i, *running.values()], tasks) from None
                 if err is not None:
                     raise PipelineError(f"{describe(i)}: {err}")
-                if peak and groups is not None:
-                    g = groups[i]
+                if peak:
+                    g = group[i]
                     peaks[g] = max(peaks.get(g, 0), peak)
                     for j in todo:
-                        if groups[j] == g:
+                        if group[j] == g:
                             plan[j] = peaks[g]
                 progress(i, wall)
         ended = True

@@ -40,7 +40,7 @@ def tensor_bytes(obj) -> int:
         elif isinstance(o, dict):
             todo.extend(o.values())
         elif isinstance(o, (list, tuple)):
-            todo.extend(v for v in o if isinstance(v, (torch.Tensor, dict, list, tuple)) or dataclasses.is_dataclass(v))
+            todo.extend(o)
     return total
 
 
